@@ -1,0 +1,61 @@
+// grad_dot on CPU: one block of kRows records at a time, spread over threads with at::parallel_for.
+// Each block does one small GEMM  y = x_blk . target^T  ([rows*T, d_in] x [d_in, d_out]) in the accumulation type and
+// then the row-dot  sum_t g_t . (y_t + target_bias)  while y is still in cache, so no [N, d_out] tensor is formed.
+// Block boundaries are fixed (not derived from the thread count), so results are identical for any thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace fastattr {
+
+namespace {
+constexpr int64_t kRows = 64;  // records per block: keeps y (kRows*T x d_out floats) in L2 for widths <= 256
+}
+
+at::Tensor grad_dot_cpu(const at::Tensor& x, const at::Tensor& g, const at::Tensor& target,
+                        const c10::optional<at::Tensor>& target_bias) {
+  auto x3 = as_3d(x, "grad_dot", "x");
+  auto g3 = as_3d(g, "grad_dot", "g");
+  check_grad_dot(x3, g3, target, target_bias);
+  const int64_t n = x3.size(0), t = x3.size(1), d_out = g3.size(2);
+  const auto acc_type = score_dtype(x3.scalar_type());
+  auto out = at::empty({n}, x3.options().dtype(acc_type));
+  if (n == 0) return out;
+  if (t == 0 || d_out == 0 || x3.size(2) == 0) return out.zero_();
+
+  // Everything below works in the accumulation type (float for half/bfloat16/float, double for double).
+  auto xs = x3.contiguous().to(acc_type);
+  auto gs = g3.contiguous().to(acc_type);
+  auto target_t = target.to(acc_type).t().contiguous();  // [d_in, d_out]
+  at::Tensor bias = target_bias.has_value() ? target_bias->to(acc_type).contiguous() : at::Tensor();
+  const int64_t num_blocks = (n + kRows - 1) / kRows;
+
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "grad_dot_cpu", [&] {
+    at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * kRows, r1 = std::min(n, r0 + kRows);
+        auto xb = xs.slice(0, r0, r1).reshape({(r1 - r0) * t, -1});
+        auto y = at::mm(xb, target_t);  // [(r1-r0)*T, d_out]
+        const scalar_t* yp = y.data_ptr<scalar_t>();
+        const scalar_t* gp = gs.data_ptr<scalar_t>() + r0 * t * d_out;
+        const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+        scalar_t* op = out.data_ptr<scalar_t>();
+        for (int64_t r = r0; r < r1; ++r) {
+          scalar_t acc = 0;
+          for (int64_t k = 0; k < t * d_out; ++k) acc += gp[k] * (yp[k] + (bp ? bp[k % d_out] : scalar_t(0)));
+          op[r] = acc;
+          yp += t * d_out;
+          gp += t * d_out;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(fastattr, CPU, m) { m.impl("grad_dot", &grad_dot_cpu); }
+
+}  // namespace fastattr

@@ -1,0 +1,26 @@
+"""fastattr: exact, fast local data attribution for online RL and any PyTorch model.
+
+    scores = fastattr.score(model, record_loss, target_loss)   # Tensor[N] (or [N, M])
+"""
+import torch  # noqa: F401  (torch must be loaded before the extension)
+
+from . import ops, reference
+from .ops import cuda_version, has_kernel
+
+__version__ = "0.1.0"
+
+
+def _check_cuda_build() -> None:
+    built = ops.cuda_version()
+    if built == -1 or torch.version.cuda is None:
+        return
+    built_major = built // 1000
+    torch_major = int(torch.version.cuda.split(".")[0])
+    if built_major != torch_major:
+        raise RuntimeError(
+            f"fastattr was built against CUDA {built_major}.x but torch uses CUDA {torch.version.cuda}; rebuild "
+            "with `pip install --no-build-isolation -e .` against this torch."
+        )
+
+
+_check_cuda_build()

@@ -1,0 +1,57 @@
+"""Per-round attribution records on disk: one compressed .npz per round under <run-dir>/attribution/.
+
+No pickle anywhere (np.load(..., allow_pickle=False)); float arrays are stored as float32 to keep hundreds of rounds
+small. Keys are free-form 1-D/2-D numeric arrays, e.g. obs, actions, rewards, dones, values, logp, adv_gae,
+returns_mc, score_return, score_action.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+_NAME = re.compile(r"round_(\d{5})\.npz$")
+
+
+def round_path(run_dir: str | os.PathLike, k: int) -> Path:
+    return Path(run_dir) / "attribution" / f"round_{k:05d}.npz"
+
+
+def save_round(run_dir: str | os.PathLike, k: int, **arrays) -> Path:
+    """Writes round k atomically (temp file + rename), so a crash never leaves a half-written round."""
+    path = round_path(run_dir, k)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {"format_version": np.array(FORMAT_VERSION)}
+    for key, value in arrays.items():
+        a = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+        if a.dtype == object:
+            raise TypeError(f"save_round: array {key!r} has dtype object; only numeric arrays are stored")
+        out[key] = a.astype(np.float32) if a.dtype == np.float64 else a
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **out)
+    os.replace(tmp, path)
+    return path
+
+
+def saved_rounds(run_dir: str | os.PathLike) -> list[int]:
+    d = Path(run_dir) / "attribution"
+    return sorted(int(m.group(1)) for p in d.glob("round_*.npz") if (m := _NAME.search(p.name))) if d.is_dir() else []
+
+
+def load_round(run_dir: str | os.PathLike, k: int) -> dict[str, np.ndarray]:
+    path = round_path(run_dir, k)
+    if not path.exists():
+        have = saved_rounds(run_dir)
+        raise FileNotFoundError(
+            f"round {k} was not saved in {run_dir} (saved rounds: {have[:10]}{'...' if len(have) > 10 else ''}); "
+            "train with --save-attribution to store every round"
+        )
+    with np.load(path, allow_pickle=False) as f:
+        data = {key: f[key] for key in f.files}
+    version = int(data.pop("format_version", -1))
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path} has attribution format {version}, this fastattr reads format {FORMAT_VERSION}")
+    return data
