@@ -24,3 +24,7 @@ def _check_cuda_build() -> None:
 
 
 _check_cuda_build()
+
+from .scoring import ScoringError, score, select, topk  # noqa: E402
+
+__all__ = ["score", "topk", "select", "ScoringError", "ops", "reference", "cuda_version", "has_kernel"]
