@@ -1,0 +1,141 @@
+"""Reading a run directory for the application tools (diagnose, behaviour, intervene, validate, report).
+
+A run dir (written by `fastattr train`) holds:
+    args.json                      the run's arguments (env id, seed, hyperparameters)   [optional for the tools here]
+    metrics.jsonl                  one JSON object per round
+    attribution/round_XXXXX.npz    per-round records (fastattr.store), with --save-attribution
+    checkpoints/...                per-round model checkpoints
+The tools write their own outputs next to these (diagnose_round_k.*, behaviour_*.json, intervene_*.json, ...).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import store
+
+ARGS_FILES = ("args.json", "config.json")
+
+# Human-readable action names for the paper's environments (index = action id).
+ACTION_NAMES = {
+    "FrozenLake": ["LEFT", "DOWN", "RIGHT", "UP"],
+    "MiniGrid": ["left", "right", "forward", "pickup", "drop", "toggle", "done"],
+    "Acrobot": ["torque -1", "torque 0", "torque +1"],
+    "CartPole": ["push left", "push right"],
+    "LunarLander": ["noop", "fire left", "fire main", "fire right"],
+    "highway": ["LANE_LEFT", "IDLE", "LANE_RIGHT", "FASTER", "SLOWER"],
+    "merge": ["LANE_LEFT", "IDLE", "LANE_RIGHT", "FASTER", "SLOWER"],
+}
+
+
+def env_family(env_id: str | None) -> str | None:
+    """'FrozenLake-v1' -> 'FrozenLake', 'MiniGrid-Empty-8x8-v0' -> 'MiniGrid', 'highway-fast-v0' -> 'highway'."""
+    if not env_id:
+        return None
+    for fam in ACTION_NAMES:
+        if env_id.lower().startswith(fam.lower()):
+            return fam
+    return env_id.split("-")[0]
+
+
+def action_name(env_id: str | None, a) -> str:
+    names = ACTION_NAMES.get(env_family(env_id) or "", [])
+    a_arr = np.asarray(a)
+    if a_arr.ndim == 0 and float(a_arr) == int(a_arr) and 0 <= int(a_arr) < len(names):
+        return names[int(a_arr)]
+    return np.array2string(a_arr, precision=2) if a_arr.ndim else f"{a_arr.item():g}"
+
+
+@dataclass
+class Run:
+    path: Path
+    args: dict = field(default_factory=dict)
+    metrics: list[dict] = field(default_factory=list)
+    rounds: list[int] = field(default_factory=list)
+
+    @property
+    def env_id(self) -> str | None:
+        for key in ("env_id", "env", "env_name"):
+            if isinstance(self.args.get(key), str):
+                return self.args[key]
+        return None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every JSON object in a .jsonl file; a truncated last line (a run still writing) is skipped."""
+    out = []
+    p = Path(path)
+    if not p.exists():
+        return out
+    lines = p.read_text().splitlines()
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{p}: line {i + 1} is not valid JSON") from None
+    return out
+
+
+def load_run(run_dir: str | os.PathLike) -> Run:
+    """Reads a run dir. Raises FileNotFoundError naming what is missing when it holds neither metrics nor rounds."""
+    p = Path(run_dir)
+    if not p.is_dir():
+        raise FileNotFoundError(f"run dir {p} does not exist")
+    args = {}
+    for name in ARGS_FILES:
+        if (p / name).exists():
+            args = json.loads((p / name).read_text())
+            break
+    run = Run(p, args, read_jsonl(p / "metrics.jsonl"), store.saved_rounds(p))
+    if not run.metrics and not run.rounds and not args:
+        raise FileNotFoundError(
+            f"{p} does not look like a fastattr run dir: no args.json, metrics.jsonl or attribution/round_*.npz "
+            "(create one with `fastattr train ... --run-dir DIR --save-attribution`)"
+        )
+    return run
+
+
+def load_round(run_dir: str | os.PathLike, k: int, required: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """store.load_round plus a clear error naming the missing fields (e.g. a run saved by another version)."""
+    data = store.load_round(run_dir, k)
+    missing = [key for key in required if key not in data]
+    if missing:
+        raise KeyError(
+            f"round {k} in {run_dir} lacks {missing} (it has {sorted(data)}); it was written by a different fastattr "
+            "version or without --save-attribution: re-run `fastattr train --save-attribution`"
+        )
+    return data
+
+
+def parse_rounds(spec: str, available: list[int]) -> list[int]:
+    """'3' -> [3]; '1,4,7' -> [1,4,7]; '2-5' -> [2,3,4,5]; 'all' -> available. Each must be in `available`."""
+    if spec == "all":
+        if not available:
+            raise ValueError("no rounds were saved in this run (train with --save-attribution)")
+        return list(available)
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part[1:]:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def parse_seeds(spec: str) -> list[int]:
+    """'0-2' -> [0, 1, 2]; '0,5' -> [0, 5]."""
+    return parse_rounds(spec, [])
