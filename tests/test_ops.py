@@ -1,0 +1,130 @@
+"""The C++ kernels (torch.ops.fastattr.*) against the float64 reference; skipped (not passed) when not built."""
+import pytest
+import torch
+
+from fastattr import ops, reference
+from fastattr.testing import error_vs_reference, make_layer, sample_inputs, within_tolerance
+
+OPS = ["grad_dot", "grad_sim_reduce", "grad_norm"]
+
+
+def kernel(op):
+    if not ops.has_kernel(op, "cpu"):
+        pytest.skip(f"fastattr CPU kernel for {op} is not built")
+    return getattr(torch.ops.fastattr, op).default
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_matches_fp64_reference(op, dtype):
+    k = kernel(op)
+    for args in sample_inputs(op, "cpu", dtype):
+        ours, torch_err, scale = error_vs_reference(op, args, k)
+        assert within_tolerance(ours, torch_err, scale, dtype), (op, dtype, ours, torch_err, scale)
+        out = k(*args)
+        assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+@pytest.mark.parametrize("n,d_in,d_out", [(1, 1, 1), (7, 5, 3), (129, 64, 33), (4096 + 32, 64, 64)])
+def test_grad_dot_shapes(n, d_in, d_out):
+    k = kernel("grad_dot")
+    x, g = make_layer(n, 1, d_in, d_out, torch.float32, flat=True, seed=n)
+    target, bias = torch.randn(d_out, d_in), torch.randn(d_out)
+    ours, torch_err, scale = error_vs_reference("grad_dot", (x, g, target, bias), k)
+    assert within_tolerance(ours, torch_err, scale, torch.float32)
+
+
+def test_grad_sim_reduce_matches_full_matrix_reduction():
+    k = kernel("grad_sim_reduce")
+    xa, ga = make_layer(300, 2, 8, 5, torch.float64, seed=3)
+    xb, gb = make_layer(257, 3, 8, 5, torch.float64, seed=4)
+    full = k([xa], [ga], [xb], [gb], "none", 0.0)
+    assert full.shape == (300, 257)
+    torch.testing.assert_close(k([xa], [ga], [xb], [gb], "max", 0.0), full.amax(1), rtol=0, atol=0)
+    torch.testing.assert_close(k([xa], [ga], [xb], [gb], "mean", 0.0), full.mean(1), rtol=1e-12, atol=1e-12)
+    assert torch.equal(k([xa], [ga], [xb], [gb], "count_gt", 0.1), (full > 0.1).sum(1).double())
+
+
+def test_zero_records_and_zero_targets():
+    for op in OPS:
+        kernel(op)
+    x, g = make_layer(0, 1, 4, 3, flat=True)
+    assert torch.ops.fastattr.grad_dot(x, g, torch.randn(3, 4), None).shape == (0,)
+    y, h = make_layer(5, 1, 4, 3, flat=True)
+    assert torch.ops.fastattr.grad_sim_reduce([x], [g], [y], [h], "none", 0.0).shape == (0, 5)
+    assert torch.ops.fastattr.grad_sim_reduce([y], [h], [x], [g], "none", 0.0).shape == (5, 0)
+    assert torch.ops.fastattr.grad_sim_reduce([y], [h], [x], [g], "sum", 0.0).eq(0).all()
+    with pytest.raises(RuntimeError, match="M=0"):
+        torch.ops.fastattr.grad_sim_reduce([y], [h], [x], [g], "max", 0.0)
+    assert torch.ops.fastattr.grad_norm([x], [g]).shape == (0,)
+
+
+def test_non_contiguous_inputs():
+    k = kernel("grad_dot")
+    x, g = make_layer(50, 3, 6, 4, torch.float64, seed=9)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous strides
+    gt = g.transpose(0, 1).contiguous().transpose(0, 1)
+    target = torch.randn(6, 4, dtype=torch.float64).t()  # non-contiguous [4, 6]
+    assert not xt.is_contiguous() and not target.is_contiguous()
+    torch.testing.assert_close(k(xt, gt, target, None), reference.grad_dot(x, g, target), rtol=1e-12, atol=1e-12)
+    s = kernel("grad_sim_reduce")
+    torch.testing.assert_close(s([xt], [gt], [xt[:7]], [gt[:7]], "none", 0.0),
+                               reference.grad_sim([x], [g], [x[:7]], [g[:7]]), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda x, g, t: (x[:3], g, t, None), "disagree on N"),
+    (lambda x, g, t: (x, g, t.t(), None), "target must be"),
+    (lambda x, g, t: (x, g, t, torch.randn(7)), "target_bias must be"),
+    (lambda x, g, t: (x.double(), g, t, None), "dtype"),
+    (lambda x, g, t: (x[0], g, t, None), r"\[N, d\] or \[N, T, d\]"),
+    (lambda x, g, t: (x.long(), g.long(), t.long(), None), "floating point"),
+])
+def test_grad_dot_bad_shapes_raise(bad, match):
+    kernel("grad_dot")
+    x, g = make_layer(5, 1, 4, 3, flat=True)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.fastattr.grad_dot(*bad(x, g, torch.randn(3, 4)))
+
+
+def test_grad_sim_reduce_bad_input_raises():
+    kernel("grad_sim_reduce")
+    x, g = make_layer(5, 1, 4, 3, flat=True)
+    y, h = make_layer(6, 1, 4, 3, flat=True)
+    with pytest.raises(RuntimeError, match="reduce must be one of"):
+        torch.ops.fastattr.grad_sim_reduce([x], [g], [y], [h], "median", 0.0)
+    with pytest.raises(RuntimeError, match="one entry per layer"):
+        torch.ops.fastattr.grad_sim_reduce([x, x], [g], [y], [h], "sum", 0.0)
+    with pytest.raises(RuntimeError, match="disagree on d_in"):
+        torch.ops.fastattr.grad_sim_reduce([x], [g], [y[:, :3]], [h], "sum", 0.0)
+    with pytest.raises(RuntimeError, match="layer 1: has N=4"):
+        torch.ops.fastattr.grad_sim_reduce([x, x[:4]], [g, g[:4]], [y, y], [h, h], "sum", 0.0)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_opcheck(op):
+    kernel(op)
+    for args in sample_inputs(op, "cpu", torch.float32):
+        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and i == 0 else a for i, a in enumerate(args))
+        torch.library.opcheck(getattr(torch.ops.fastattr, op).default, args)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_torch_compile_fullgraph(op):
+    kernel(op)
+    fn = getattr(torch.ops.fastattr, op).default
+    compiled = torch.compile(lambda *a: fn(*a) * 2, fullgraph=True, backend="aot_eager")
+    args = sample_inputs(op, "cpu", torch.float32)[1]
+    torch.testing.assert_close(compiled(*args), fn(*args) * 2)
+
+
+def test_wrapper_fallback_is_loud(monkeypatch):
+    monkeypatch.delenv("FASTATTR_STRICT", raising=False)
+    monkeypatch.setattr(ops, "has_kernel", lambda op, device: False)
+    monkeypatch.setattr(ops, "_warned", set())
+    x, g = make_layer(4, 1, 3, 2, flat=True)
+    with pytest.warns(RuntimeWarning, match="pure-torch reference"):
+        ops.grad_dot(x, g, torch.randn(2, 3))
+    monkeypatch.setenv("FASTATTR_STRICT", "1")
+    with pytest.raises(RuntimeError, match="FASTATTR_STRICT"):
+        ops.grad_dot(x, g, torch.randn(2, 3))
