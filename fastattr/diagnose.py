@@ -209,7 +209,7 @@ def draw_frozenlake(ax, desc: np.ndarray, state: int, action: int | None) -> Non
     ax.add_patch(_circle(c + 0.5, r + 0.5))
     if action is not None and int(action) in ARROWS:
         dx, dy = ARROWS[int(action)]
-        ax.annotate("", xy=(c + 0.5 + 0.5 * dx, r + 0.5 + 0.5 * dy), xytext=(c + 0.5, r + 0.5),
+        ax.annotate("", xy=(c + 0.5 + 0.5 * dx, r + 0.5 + 0.5 * dy), xytext=(c + 0.5 + 0.1 * dx, r + 0.5 + 0.1 * dy),
                     arrowprops=dict(arrowstyle="-|>", color="#d62728", lw=2, mutation_scale=12), zorder=4)
     ax.set_xlim(0, cols)
     ax.set_ylim(rows, 0)
@@ -225,7 +225,7 @@ def _rect(x, y, colour):
 
 def _circle(x, y):
     from matplotlib.patches import Circle
-    return Circle((x, y), 0.2, color="#ff7f0e", zorder=3)
+    return Circle((x, y), 0.17, color="#ff7f0e", zorder=3)
 
 
 def minigrid_image(obs, tile: int = 12) -> np.ndarray:

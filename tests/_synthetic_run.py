@@ -60,3 +60,22 @@ def make_run(path, rounds=(0, 1, 2), n: int = 512, seed: int = 0, with_metrics: 
     if with_metrics:
         (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
+
+
+def add_application_outputs(path) -> None:
+    """Behaviour / intervention / validation result files in the formats those commands write (for report tests)."""
+    path = Path(path)
+    rounds = [{"round": k, "n_match": 40 - k, "influence_mean": 1.0 / (k + 1), "top_share": 0.5 - 0.05 * k,
+               "roughness": 0.3 / (k + 1)} for k in range(6)]
+    (path / "behaviour_test-probe.json").write_text(json.dumps({
+        "run": str(path), "probe": "test-probe", "rounds": rounds,
+        "phases": [{"name": "association", "start": 0, "end": 1, "why": "high roughness"},
+                   {"name": "clustering", "start": 2, "end": 5, "why": "roughness drops"}]}))
+    summary = [{"round": k, "arm": arm, "n_dropped": 100, "delta": {"mean": d, "lo": d - 0.1, "hi": d + 0.1, "n": 3,
+                                                                     "level": 0.95}}
+               for k in (2, 5) for arm, d in (("drop negative", 0.2), ("drop random", -0.05))]
+    (path / "intervene_test.json").write_text(json.dumps({"env_id": "FrozenLake-v1", "seeds": [0, 1, 2],
+                                                          "summary": summary}))
+    (path / "validate_test.json").write_text(json.dumps({"env_id": "FrozenLake-v1", "summary": [
+        {"learning_rate": 5e-3, "selection": "random", "n_subsets": 20, "spearman": 0.8, "pearson": 0.9,
+         "slope": 1.1}]}))
