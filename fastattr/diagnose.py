@@ -127,7 +127,8 @@ def diagnose_round(run_dir, k: int, top: int = 20, score_key: str = "score_retur
     rho_gap, _ = analysis.spearman(score, d["gap"])
     width = None
     if runinfo.env_family(env_id) == "FrozenLake" and "state_id" in d:
-        width = int(round(np.sqrt(obs.shape[1]))) if obs.ndim == 2 and obs.shape[1] > 1 else None
+        n_states = obs.shape[1] if obs.ndim == 2 and obs.shape[1] > 1 else None
+        width = frozenlake_desc(env_id, _run_args(run_dir), n_states).shape[1]
     findings = _findings(f"bottom {len(bottom_idx)}", groups["bottom"], groups["buffer"], width) + \
         _findings(f"top {len(top_idx)}", groups["top"], groups["buffer"], width)
     findings.insert(0, f"Spearman(influence, Ā·Â) = {rho:+.2f} over {n} records: {_rho_text(rho)}")
@@ -142,6 +143,13 @@ def diagnose_round(run_dir, k: int, top: int = 20, score_key: str = "score_retur
                     (("top", top_idx), ("bottom", bottom_idx))},
     }
     return result, d
+
+
+def _run_args(run_dir) -> dict:
+    try:
+        return runinfo.load_run(run_dir).args
+    except FileNotFoundError:
+        return {}
 
 
 def _rho_text(rho: float) -> str:
@@ -314,6 +322,7 @@ def summary_figure(path, result: dict, d: dict) -> Path:
     if len(bot_idx):
         ax.axvline(score[bot_idx].max(), color="#d62728", ls="--", label=f"bottom {len(bot_idx)}")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(5))
     ax.set_xlabel("influence on the return target (gradient dot product, a.u.)")
     ax.set_ylabel("records (count, log scale)")
     ax.set_title(f"(a) score distribution, round {result['round']}")
@@ -385,10 +394,7 @@ def write_diagnosis(run_dir, k: int, top: int = 20, score_key: str = "score_retu
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"diagnose_round_{k}"
     files = {"png": str(summary_figure(f"{stem}.png", result, d))}
-    try:
-        args = runinfo.load_run(run_dir).args
-    except FileNotFoundError:
-        args = {}
+    args = _run_args(run_dir)
     n_show = min(grid, top)
     titles = [f"#{i} I={d['score'][i]:+.2g}\nÂ={d['adv_gae'][i]:+.2f} Ā={d['adv_mc'][i]:+.2f}"
               for i in range(len(d["score"]))]

@@ -34,7 +34,7 @@ SECTIONS = [("overview", "Overview"), ("curves", "Learning curves"), ("scores", 
             ("behaviour", "Behaviour formation"), ("intervention", "Targeted intervention"),
             ("validation", "Counterfactual validation")]
 
-RETURN_KEYS = ("eval/return_mean", "eval/mean_return", "eval/return", "charts/eval_return", "charts/episodic_return",
+RETURN_KEYS = ("eval_return", "eval/return_mean", "eval/mean_return", "eval/return", "charts/eval_return", "charts/episodic_return",
                "charts/episode_return", "rollout/ep_rew_mean")
 METHOD_KEYS = ("method", "filter", "algo")
 
@@ -218,15 +218,21 @@ def scores_figure(run: runinfo.Run) -> tuple[str | None, list[dict]]:
     return fig_to_b64(fig), rows
 
 
+# fastattr.ppo's per-round timings, attribution first; other per-round timings found in metrics.jsonl follow.
+COST_KEYS = ("attr_seconds", "update_seconds", "rollout_seconds", "eval_seconds", "io_seconds")
+CUMULATIVE_KEYS = ("wall_seconds", "time", "train_seconds")
+
+
 def cost_keys(metrics: list[dict]) -> dict[str, str]:
-    """{label: key} of per-round timings found in metrics.jsonl, in seconds or milliseconds (by the key's suffix)."""
-    keys = sorted(set().union(*(m.keys() for m in metrics))) if metrics else []
-    out = {}
-    for k in keys:
+    """{label: key} of per-round timings in metrics.jsonl, in seconds or milliseconds (by the key's suffix).
+    Cumulative clocks and timestamps are left out."""
+    keys = set().union(*(m.keys() for m in metrics)) if metrics else set()
+    out = {k: k for k in COST_KEYS if k in keys}
+    for k in sorted(keys - set(COST_KEYS) - set(CUMULATIVE_KEYS)):
         low = k.lower()
-        timing = low.endswith(("_ms", "_s", "/ms", "/s", "_sec", "seconds")) or "time" in low
-        if timing and all(_num(m.get(k)) for m in metrics if k in m) and "sps" not in low and "step" not in low:
-            out[k.split("/")[-1] if "/" in k else k] = k
+        timing = low.endswith(("_ms", "_s", "/ms", "/s", "_sec", "_seconds")) or "time/" in low
+        if timing and all(_num(m.get(k)) for m in metrics if k in m) and "sps" not in low:
+            out[k] = k
     return out
 
 
@@ -241,6 +247,7 @@ def cost_figure(runs: list[runinfo.Run]) -> tuple[str | None, list[dict]]:
     rows = []
     for c, (label, key) in zip(COLOURS * 4, ck.items()):
         xs, ys = series(run.metrics, key, x)
+        xs, ys = xs[ys > 0], ys[ys > 0]            # round 0 (the initial evaluation) has no update or scoring
         ms = ys if key.lower().endswith("ms") else ys * 1000.0
         is_attr = "attr" in key.lower() or "score" in key.lower()
         ax.plot(xs, ms, color=c, lw=2.5 if is_attr else 1.3, ls="-" if is_attr else "--", label=key)
@@ -369,8 +376,9 @@ def section_overview(runs, root) -> str:
              _kpi(", ".join(methods), "methods"), _kpi(str(len(seeds)), "seeds"), _kpi(str(rounds), "rounds (max)"),
              _kpi(str(saved), "rounds with saved attribution")]
     a = runs[0].args
-    keys = [k for k in ("total_timesteps", "num_steps", "num_envs", "learning_rate", "optimizer", "update_epochs",
-                        "num_minibatches", "batch_size", "gamma", "gae_lambda", "clip_coef", "p", "filter") if k in a]
+    keys = [k for k in ("method", "p", "total_timesteps", "n_steps", "num_envs", "batch_size", "n_epochs",
+                        "optimizer", "learning_rate", "gamma", "gae_lambda", "clip_coef", "network", "eval_episodes",
+                        "env_kwargs") if k in a]
     rows = [{"argument": k, "value": a[k]} for k in keys]
     return "".join(parts) + (_table(rows) if rows else "") + \
         f'<p class="note">Runs: {", ".join(html.escape(_rel(r.path, root)) for r in runs[:12])}' \
@@ -407,7 +415,13 @@ def section_cost(runs) -> str:
     b64, rows = cost_figure(runs)
     if not b64:
         return _missing("No per-round timings in metrics.jsonl (keys with time / _ms / _s).")
-    return _img(b64, "attribution cost") + _table(
+    med = {r["key"]: r["median_ms"] for r in rows}
+    kpis = ""
+    if "attr_seconds" in med and "update_seconds" in med and med["update_seconds"] > 0:
+        kpis = _kpi(f"{med['attr_seconds']:.3g} ms", "attribution per round (median)") + \
+            _kpi(f"{100 * med['attr_seconds'] / med['update_seconds']:.1f}%", "of the PPO update time") + \
+            _kpi(f"{med['update_seconds']:.3g} ms", "PPO update per round (median)")
+    return kpis + _img(b64, "attribution cost") + _table(
         rows, [("key", "metric"), ("median_ms", "median per round (ms)"), ("total_s", "total over run (s)")])
 
 
