@@ -503,8 +503,12 @@ def _render_validation(res: dict, f: Path) -> str:
     if png.exists():
         out.append(_img(file_b64(png), "validation"))
     out.append(_table(res.get("summary") or [],
-                      [("learning_rate", "learning rate"), ("selection", "subsets"), ("n_subsets", "subsets (n)"),
-                       ("spearman", "Spearman(pred, actual)"), ("pearson", "Pearson"), ("slope", "actual/pred slope")]))
+                      [("round", "round"), ("mode", "update"), ("learning_rate", "learning rate"),
+                       ("selection", "subsets"), ("n_subsets", "subsets (n)"), ("spearman", "Spearman(pred, actual)"),
+                       ("pearson", "Pearson"), ("slope", "actual/pred slope")]))
+    out.append('<p class="note">ΔJ: change of the return target J = mean Â·log π over B(k) when a subset is left out '
+               "of the update from θ(k); predicted from the scores to first order. sgd-step: one SGD step on the "
+               "scored losses (the prediction is exact as lr → 0, slope ≈ 1); ppo: the run's full PPO update.</p>")
     return "".join(out)
 
 

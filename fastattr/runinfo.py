@@ -139,3 +139,75 @@ def parse_rounds(spec: str, available: list[int]) -> list[int]:
 def parse_seeds(spec: str) -> list[int]:
     """'0-2' -> [0, 1, 2]; '0,5' -> [0, 5]."""
     return parse_rounds(spec, [])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Re-creating a round's model and buffer (needs fastattr.ppo; imported lazily so report/diagnose stay light)
+
+BUFFER_FIELDS = ("obs", "actions", "logp", "values", "rewards", "dones", "adv_gae", "returns")
+
+
+def ppo_args(run: Run, **overrides):
+    """fastattr.ppo.Args of the run (from args.json), with overrides. Clear error for a run from another version."""
+    from . import ppo
+    if not run.args:
+        raise FileNotFoundError(f"{run.path} has no args.json; it was not written by `fastattr train`")
+    fields = set(ppo.Args.__dataclass_fields__)
+    unknown = sorted(set(run.args) - fields)
+    if unknown:
+        raise ValueError(f"{run.path}/args.json has arguments this fastattr does not know ({unknown}); the run was "
+                         "written by another fastattr version: re-train it with this one")
+    args = ppo.Args(**{**run.args, **overrides})
+    args.run_dir = str(run.path)
+    args.progress = False
+    return args
+
+
+def make_agent(args):
+    """A fresh ppo.Agent for the run's env (spaces from one env instance)."""
+    from . import envs as envs_lib
+    from . import ppo
+    env = envs_lib.make_env(args.env_id, args.env_kwargs)()
+    try:
+        return ppo.Agent(env.observation_space, env.action_space, args.network, args.hidden, args.features_dim)
+    finally:
+        env.close()
+
+
+def load_theta(run: Run, k: int, args=None):
+    """(agent, optimizer) at θ(k), the parameters that collected and scored B(k) (saved with --save-attribution)."""
+    import torch
+
+    from . import ppo
+    args = args or ppo_args(run)
+    path = ppo.theta_path(run.path, k)
+    if not path.exists():
+        have = sorted(int(p.stem.split("_")[-1]) for p in path.parent.glob("theta_*.pt"))
+        raise FileNotFoundError(f"θ({k}) was not saved in {run.path} ({path.name} missing; saved: {have[:10]}"
+                                f"{'...' if len(have) > 10 else ''}); train with --save-attribution")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    agent = make_agent(args)
+    agent.load_state_dict(ckpt["agent"])
+    optimizer = ppo.make_optimizer(agent, args)
+    if "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    return agent, optimizer
+
+
+def load_buffer(run: Run, k: int, continuous: bool = False):
+    """(ppo.Buffer of B(k) with its GAE advantages and value targets, the round's raw arrays)."""
+    import torch
+
+    from . import ppo
+    data = load_round(run.path, k, required=BUFFER_FIELDS + ("score_return",))
+    t = {key: torch.as_tensor(np.asarray(v)) for key, v in data.items()}
+    n = len(t["rewards"])
+    zeros = torch.zeros(n)
+    actions = t["actions"].float() if continuous else t["actions"].long()
+    buf = ppo.Buffer(
+        obs=t["obs"].float(), actions=actions, logp=t["logp"].float(), values=t["values"].float(),
+        rewards=t["rewards"].float(), bootstrap=t.get("bootstrap", zeros).float(), dones=t["dones"].float(),
+        terminated=t.get("terminated", t["dones"]).float(), next_value=t.get("next_value", torch.zeros(1)).float(),
+        num_envs=int(data.get("num_envs", 1)), advantages=t["adv_gae"].float(), returns=t["returns"].float(),
+    )
+    return buf, data
