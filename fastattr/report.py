@@ -375,22 +375,51 @@ def section_overview(runs, root) -> str:
     parts = [_kpi(", ".join(envs), "environment"), _kpi(str(len(runs)), "runs"),
              _kpi(", ".join(methods), "methods"), _kpi(str(len(seeds)), "seeds"), _kpi(str(rounds), "rounds (max)"),
              _kpi(str(saved), "rounds with saved attribution")]
-    a = runs[0].args
+    a = runs[0].args   # only the arguments every run shares (methods and seeds are shown above)
     keys = [k for k in ("method", "p", "total_timesteps", "n_steps", "num_envs", "batch_size", "n_epochs",
                         "optimizer", "learning_rate", "gamma", "gae_lambda", "clip_coef", "network", "eval_episodes",
-                        "env_kwargs") if k in a]
+                        "env_kwargs") if k in a and all(r.args.get(k) == a[k] for r in runs)]
     rows = [{"argument": k, "value": a[k]} for k in keys]
     return "".join(parts) + (_table(rows) if rows else "") + \
         f'<p class="note">Runs: {", ".join(html.escape(_rel(r.path, root)) for r in runs[:12])}' \
         f'{" …" if len(runs) > 12 else ""}</p>'
 
 
-def section_curves(runs) -> str:
+def markdown_to_html(md: str) -> str:
+    """The subset of markdown `fastattr compare` writes: '#' headings, paragraphs and pipe tables."""
+    out, rows = [], []
+
+    def flush():
+        if rows:
+            head, *body = rows
+            out.append("<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head) + "</tr>" + "".join(
+                "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in body) + "</table>")
+            rows.clear()
+
+    for line in md.splitlines():
+        line = line.strip()
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):
+                rows.append(cells)
+            continue
+        flush()
+        if line.startswith("#"):
+            out.append(f"<h3>{html.escape(line.lstrip('#').strip())}</h3>")
+        elif line:
+            out.append(f'<p class="note">{html.escape(line)}</p>')
+    flush()
+    return "".join(out)
+
+
+def section_curves(runs, root: Path | None = None) -> str:
     b64, table = curves_figure(runs)
     if not b64:
         return _missing("No return metric in metrics.jsonl (expected one of " + ", ".join(RETURN_KEYS[:3]) +
                         "): train with <code>fastattr train</code>.")
-    return _img(b64, "learning curves") + _table(
+    summary = root / "summary.md" if root is not None else None
+    extra = markdown_to_html(summary.read_text()) if summary is not None and summary.exists() else ""
+    return _img(b64, "learning curves") + extra + _table(
         table, [("method", "method"), ("seeds", "seeds"), ("final.mean", "final return (mean)"),
                 ("final.lo", "95% CI low"), ("final.hi", "95% CI high"), ("peak_mean", "peak of mean curve"),
                 ("x_final", "at step / round")])
@@ -518,7 +547,7 @@ def build_report(root, out: str | None = None, diagnose_round: int | None = None
     runs = find_runs(root)
     body: dict[str, str] = {}
     body["overview"] = section_overview(runs, root)
-    body["curves"] = section_curves(runs)
+    body["curves"] = section_curves(runs, root)
     body["scores"], _ = section_scores(runs)
     body["cost"] = section_cost(runs)
     body["diagnosis"] = section_diagnosis(runs, root, diagnose_round, auto_diagnose)
