@@ -1,0 +1,288 @@
+"""`fastattr train` (one run) and `fastattr compare` (methods x seeds in parallel processes, then plots and the
+paper's metrics). Flags come from `ppo.Args` (field docstrings are the --help text); `--preset paper` applies the
+paper's settings for the env (fastattr/envs.py) under any flag given explicitly."""
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
+from pathlib import Path
+
+from . import ppo
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Args <-> argparse
+# ----------------------------------------------------------------------------------------------------------------------
+def _field_docs(cls) -> dict[str, str]:
+    """CleanRL/tyro-style docstrings: the string literal right after each annotated field."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None),
+                                                                                   ast.Constant):
+            docs[a.target.id] = str(b.value.value)
+    return docs
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_args_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per Args field; defaults are SUPPRESSed so we can tell which flags were given."""
+    docs = _field_docs(ppo.Args)
+    for f in fields(ppo.Args):
+        if f.name in skip:
+            continue
+        default = ppo.Args().__getattribute__(f.name)
+        help_ = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
+        if isinstance(default, bool):
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_)
+        elif isinstance(default, dict):
+            parser.add_argument(_flag(f.name), type=_json_object(f.name), default=argparse.SUPPRESS, metavar="JSON",
+                                help=help_)
+        else:
+            parser.add_argument(_flag(f.name), type=type(default), default=argparse.SUPPRESS, help=help_)
+
+
+def _json_object(name):
+    def parse(text: str) -> dict:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{_flag(name)}: not valid JSON ({e}): {text!r}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{_flag(name)} must be a JSON object like '{{\"k\": 1}}', got {text!r}")
+        return value
+
+    return parse
+
+
+def build_args(given: dict) -> ppo.Args:
+    """Args defaults < the paper preset (if given['preset'] == 'paper') < the flags given."""
+    values = {}
+    if given.get("preset") == "paper":
+        if "env_id" not in given:
+            raise ValueError("--preset paper needs --env-id")
+        values.update(ppo.paper_overrides(given["env_id"]))
+    elif given.get("preset") not in (None, ""):
+        raise ValueError(f"--preset must be 'paper', got {given['preset']!r}")
+    values.update(given)
+    return ppo.Args(**values)
+
+
+def train_parser(prog: str = "fastattr train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+        description="Train PPO / IIF on one env and seed with per-round attribution. Writes <run-dir>/args.json, "
+                    "metrics.jsonl (one line per round), checkpoints/ and, with --save-attribution, attribution/.")
+    add_args_flags(p)
+    return p
+
+
+def main_train(argv: list[str] | None = None) -> int:
+    p = train_parser()
+    given = vars(p.parse_args(argv))
+    try:
+        args = build_args(given)
+        out = ppo.main(args)
+    except (ValueError, FloatingPointError) as e:  # RunDirError is a ValueError
+        print(f"fastattr train: error: {e}", file=sys.stderr)
+        return 2
+    if out.get("already_finished"):
+        print(f"{out['run_dir']}: already finished (round {out.get('round')}); nothing to do")
+    else:
+        ret = out.get("eval_return")
+        print(f"done: {out['run_dir']}  round {out.get('round')}  steps {out.get('global_step')}  "
+              f"eval return {ret if ret is None else f'{ret:.4g}'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# compare
+# ----------------------------------------------------------------------------------------------------------------------
+def parse_int_list(spec: str, what: str = "--seeds") -> list[int]:
+    """'0-4' -> [0..4]; '0,3,7' -> [0, 3, 7]."""
+    out: list[int] = []
+    try:
+        for part in str(spec).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise ValueError(f"{what} must look like '0-4' or '0,2,5', got {spec!r}") from None
+    if not out:
+        raise ValueError(f"{what} is empty: {spec!r}")
+    return sorted(dict.fromkeys(out))
+
+
+def _run_finished(run_dir: Path) -> bool:
+    ck = ppo.checkpoint_path(run_dir)
+    if not ck.exists():
+        return False
+    try:
+        return bool(ppo.load_checkpoint(ck).get("finished"))
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is simply not finished
+        return False
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastattr compare", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+        description="Run methods x seeds (one `fastattr train` process each, --jobs at a time; resumable: finished "
+                    "runs are skipped, killed ones resumed) and write OUT/curves.png, OUT/summary.json, "
+                    "OUT/summary.md. Any other `fastattr train` flag (e.g. --preset paper, --total-timesteps) is "
+                    "passed to every run.")
+    p.add_argument("--env-id", required=True, help="gymnasium id")
+    p.add_argument("--seeds", default="0-4", help="seeds: '0-4' or '0,3,7'")
+    p.add_argument("--methods", default="ppo,iif,random", help="comma-separated: ppo, iif, iif-all-neg, random")
+    p.add_argument("--out", required=True, help="output dir (runs under OUT/runs/<method>_s<seed>/)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (default: cores)")
+    p.add_argument("--baseline", default="ppo", help="method the others are measured against")
+    p.add_argument("--aggregate-only", action="store_true", help="do not run anything; summarise what exists")
+    return p
+
+
+def main_compare(argv: list[str] | None = None) -> int:
+    p = compare_parser()
+    opts, rest = p.parse_known_args(argv)
+    try:
+        seeds = parse_int_list(opts.seeds)
+        methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
+        bad = [m for m in methods if m not in ppo.filtering.METHODS]
+        if bad or not methods:
+            raise ValueError(f"--methods: unknown {bad}; choose from {', '.join(ppo.filtering.METHODS)}")
+        if opts.jobs < 1:
+            raise ValueError(f"--jobs must be >= 1, got {opts.jobs}")
+        forbidden = [a for a in rest if a.split("=")[0] in ("--method", "--seed", "--run-dir", "--env-id")]
+        if forbidden:
+            raise ValueError(f"{forbidden} are set by compare itself (use --methods, --seeds, --out)")
+        # validate the pass-through flags once, before launching anything
+        tp = train_parser("fastattr compare (train flags)")
+        given = vars(tp.parse_args(rest + ["--env-id", opts.env_id]))
+        ppo.validate_args(build_args({**given, "method": methods[0], "run_dir": os.path.join(opts.out, "_check")}))
+    except ValueError as e:
+        print(f"fastattr compare: error: {e}", file=sys.stderr)
+        return 2
+
+    out = Path(opts.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    runs = {(m, s): out / "runs" / f"{m}_s{s}" for m in methods for s in seeds}
+    failed = []
+    if not opts.aggregate_only:
+        todo = [(m, s) for (m, s), d in runs.items() if not _run_finished(d)]
+        print(f"compare: {len(runs) - len(todo)} of {len(runs)} runs already finished; running {len(todo)} with "
+              f"{min(opts.jobs, max(len(todo), 1))} parallel jobs (logs in {out / 'logs'})", flush=True)
+
+        def launch(ms):
+            m, s = ms
+            cmd = [sys.executable, "-m", "fastattr", "train", "--env-id", opts.env_id, "--method", m, "--seed",
+                   str(s), "--run-dir", str(runs[ms]), "--resume", "--no-progress", *rest]
+            with open(out / "logs" / f"{m}_s{s}.log", "a") as log:
+                log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+                log.flush()
+                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+            return ms, rc
+
+        from tqdm.auto import tqdm
+
+        with ThreadPoolExecutor(max_workers=opts.jobs) as pool, tqdm(total=len(todo), unit="run",
+                                                                       desc="compare") as bar:
+            for ms, rc in pool.map(launch, todo):
+                bar.update(1)
+                if rc != 0:
+                    failed.append(ms)
+                    bar.write(f"compare: {ms[0]} seed {ms[1]} failed (exit {rc}); see {out / 'logs'}")
+    paths = aggregate(out, opts.env_id, methods, seeds, opts.baseline)
+    if paths:
+        print("\n".join(f"wrote {p}" for p in paths))
+    return 1 if failed else 0
+
+
+def aggregate(out: Path, env_id: str, methods: list[str], seeds: list[int], baseline: str = "ppo") -> list[Path]:
+    """Reads OUT/runs/*/metrics.jsonl of finished runs; writes summary.json, summary.md and curves.png."""
+    from . import metrics
+
+    curves: dict[str, dict[int, metrics.Curve]] = {}
+    unfinished = []
+    for m in methods:
+        for s in seeds:
+            d = out / "runs" / f"{m}_s{s}"
+            if _run_finished(d):
+                curves.setdefault(m, {})[s] = metrics.load_curve(d)
+            else:
+                unfinished.append(f"{m}_s{s}")
+    if not curves:
+        print(f"compare: no finished runs under {out / 'runs'} yet", file=sys.stderr)
+        return []
+    summary = metrics.summarize(curves, baseline=baseline)
+    summary["env_id"] = env_id
+    summary["unfinished_runs"] = unfinished
+    run_args = {}
+    for m in curves:
+        s = next(iter(curves[m]))
+        args_file = out / "runs" / f"{m}_s{s}" / "args.json"
+        if args_file.exists():
+            run_args[m] = json.loads(args_file.read_text())
+    summary["args"] = run_args
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    md = metrics.to_markdown(summary, title=f"{env_id}: {', '.join(curves)} ({len(seeds)} seeds requested)")
+    if unfinished:
+        md += f"\nNot finished (left out): {', '.join(unfinished)}\n"
+    (out / "summary.md").write_text(md)
+    plot_curves(curves, out / "curves.png", env_id)
+    return [out / "summary.json", out / "summary.md", out / "curves.png"]
+
+
+def plot_curves(curves, path: Path, env_id: str) -> None:
+    """Mean and 95% CI over seeds per method against env steps, training wall-clock and optimisation time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from . import metrics
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for method, runs in curves.items():
+        cs = list(runs.values())
+        n = min(len(c.returns) for c in cs)
+        mean, lo, hi = metrics.band([c.returns[:n] for c in cs])
+        xs = {
+            0: np.mean([c.steps[:n] for c in cs], 0),
+            1: np.mean([c.train[:n] for c in cs], 0),
+            2: np.mean([c.opt[:n] for c in cs], 0),
+        }
+        for i, ax in enumerate(axes):
+            (line,) = ax.plot(xs[i], mean, label=f"{method} (n={len(cs)})")
+            ax.fill_between(xs[i], lo, hi, color=line.get_color(), alpha=0.2)
+    labels = ["environment steps", "training wall-clock (s): rollouts + influence + optimisation",
+              "optimisation + influence time (s), the paper's RT"]
+    for ax, xl in zip(axes, labels):
+        ax.set_xlabel(xl)
+        ax.set_ylabel("evaluation return (stochastic policy)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{env_id}: mean and 95% CI over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

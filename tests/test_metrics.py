@@ -1,0 +1,98 @@
+"""The paper's SE_ave / SE_peak / RT_peak and the final-gain CI on curves whose answers are worked out by hand."""
+import math
+
+import numpy as np
+import pytest
+
+from fastattr import metrics
+
+
+def curve(returns, opt=None, train=None, start_round=1):
+    rounds = list(range(start_round, start_round + len(returns)))
+    opt = opt or [1.0] * len(returns)
+    rows = [{"round": r, "global_step": 100 * r, "eval_return": v, "attr_seconds": 0.0, "update_seconds": o,
+             "train_seconds": t} for r, v, o, t in zip(rounds, returns, opt, train or [2 * o for o in opt])]
+    return metrics.curve_from_rows(rows)
+
+
+def test_levels_are_the_record_highs():
+    assert metrics.levels_reached([1, 2, 3, 4, 5], [0.0, 2.0, 1.0, 3.0, 3.0]) == [(0.0, 1), (2.0, 2), (3.0, 4)]
+    assert metrics.first_reach([1, 2, 3], [0.1, 0.5, 0.9], 0.5) == 2
+    assert metrics.first_reach([1, 2, 3], [0.1, 0.5, 0.9], 1.0) is None
+
+
+def test_se_by_hand():
+    std = curve([0, 1, 2, 3, 4])     # levels 0@1 1@2 2@3 3@4 4@5
+    iif = curve([1, 3, 4, 4, 4])     # reaches them at 1, 1, 2, 2, 3
+    d = metrics.sample_efficiency(std, iif)
+    # reductions 1-1/1, 1-1/2, 1-2/3, 1-2/4, 1-3/5
+    assert d["se_ave"] == pytest.approx((0 + 0.5 + 1 / 3 + 0.5 + 0.4) / 5)
+    assert d["se_peak"] == pytest.approx(0.4)
+    assert d["censored_levels"] == 0 and d["m_peak"] == 3 and d["m_std_peak"] == 5
+
+
+def test_rt_peak_by_hand():
+    # std rounds cost 2 s of optimisation each, iif rounds 1 s; std peaks at round 4, iif reaches it at round 2
+    std = curve([0, 1, 2, 5, 3], opt=[2.0] * 5, train=[3.0] * 5)
+    iif = curve([1, 5, 5, 5, 5], opt=[1.0] * 5, train=[2.5] * 5)
+    d = metrics.sample_efficiency(std, iif)
+    assert d["rt_peak_opt"] == pytest.approx(1 - 2.0 / 8.0)
+    assert d["rt_peak_train"] == pytest.approx(1 - 5.0 / 12.0)
+    assert d["se_peak"] == pytest.approx(1 - 2 / 4)
+
+
+def test_round_zero_is_ignored_and_censoring_penalises():
+    rows = [{"round": 0, "global_step": 0, "eval_return": 10.0, "train_seconds": 0.0}]
+    std = metrics.curve_from_rows(rows + [{"round": r, "global_step": r, "eval_return": v, "update_seconds": 1.0,
+                                           "attr_seconds": 0.0, "train_seconds": 1.0}
+                                          for r, v in [(1, 1.0), (2, 2.0), (3, 3.0)]])
+    other = curve([1.0, 1.5, 2.5])  # never reaches 3.0 -> counted at round 4
+    d = metrics.sample_efficiency(std, other)
+    assert d["n_levels"] == 3 and d["censored_levels"] == 1 and d["peak_censored"]
+    assert d["se_peak"] == pytest.approx(1 - 4 / 3)
+    assert d["se_ave"] == pytest.approx((0 + (1 - 3 / 2) + (1 - 4 / 3)) / 3)
+    assert d["rt_peak_opt"] == pytest.approx(1 - 4.0 / 3.0)  # 3 s + one mean round (1 s) vs 3 s
+
+
+def test_eval_every_and_missing_evals():
+    rows = [{"round": r, "global_step": r, "eval_return": (float(r) if r % 2 == 0 else None), "update_seconds": 1.0,
+             "attr_seconds": 0.5, "train_seconds": 2.0} for r in range(1, 7)]
+    c = metrics.curve_from_rows(rows)
+    assert c.rounds.tolist() == [2, 4, 6] and c.opt.tolist() == [3.0, 6.0, 9.0] and c.train.tolist() == [4, 8, 12]
+
+
+def test_final_gain_t_interval_by_hand():
+    std = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0, 4: 5.0}
+    iif = {0: 2.0, 1: 2.0, 2: 5.0, 3: 5.0, 4: 6.0}   # diffs 1, 0, 2, 1, 1
+    g = metrics.final_gain(std, iif)
+    sd = np.std([1, 0, 2, 1, 1], ddof=1)
+    half = 2.7764451051977987 * sd / math.sqrt(5)
+    assert g["mean"] == pytest.approx(1.0) and g["n"] == 5
+    assert g["ci_low"] == pytest.approx(1 - half) and g["ci_high"] == pytest.approx(1 + half)
+
+
+def test_mean_se_and_band():
+    m, se, n = metrics.mean_se([1.0, 2.0, 3.0, None, float("nan")])
+    assert (m, n) == (2.0, 3) and se == pytest.approx(1 / math.sqrt(3))
+    mean, lo, hi = metrics.band([np.array([0.0, 2.0, 9.0]), np.array([2.0, 4.0])])
+    assert mean.tolist() == [1.0, 3.0]
+    half = 12.706204736174707 * math.sqrt(2) / math.sqrt(2)
+    assert lo[0] == pytest.approx(1 - half) and hi[1] == pytest.approx(3 + half)
+
+
+def test_summarize_and_markdown():
+    curves = {"ppo": {0: curve([0, 1, 2]), 1: curve([0, 2, 2])}, "iif": {0: curve([1, 2, 2]), 1: curve([2, 2, 3])}}
+    s = metrics.summarize(curves)
+    e = s["methods"]["iif"]
+    # seed 0: levels 0@1 1@2 2@3 -> iif 1,1,2 -> reductions 0, .5, 1/3; seed 1: levels 0@1 2@2 -> 1, 1 -> 0, .5
+    assert e["se_ave"]["mean"] == pytest.approx(((0 + 0.5 + 1 / 3) / 3 + 0.25) / 2)
+    assert e["se_peak"]["mean"] == pytest.approx((1 / 3 + 0.5) / 2)
+    assert e["final_gain"]["mean"] == pytest.approx(0.5)
+    md = metrics.to_markdown(s, "test")
+    assert "SE_ave" in md and "| iif | 2 |" in md
+
+
+def test_no_std_levels_is_an_error():
+    empty = metrics.curve_from_rows([{"round": 0, "global_step": 0, "eval_return": 1.0}])
+    with pytest.raises(ValueError, match="standard-PPO curve"):
+        metrics.sample_efficiency(empty, curve([1.0]))
