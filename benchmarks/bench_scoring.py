@@ -1,0 +1,191 @@
+"""Scoring one PPO buffer: fastattr vs the alternatives, as ratios to the plain passes that scoring needs.
+
+Plain passes (= 1.0): one forward+backward of the summed record losses plus one forward+backward of the target, the
+work any gradient-based scorer must at least do. Rows, all on the same actor and buffer, timed side by side in one run:
+  fastattr            fastattr.score(model, record_loss, target_loss) with the C++ kernels
+  fastattr-joint      the same with records and target from one forward (what the PPO loop uses)
+  fastattr-reference  fastattr.score with the pure-torch reference ops instead of the kernels
+  vmap                torch.func.vmap(grad) per-sample gradients, then dot products (dattri / TRAK style)
+  materialise         the paper's official method, re-implemented from its description (PAPER.md section 6): hooks
+                      keep each Linear's input and output gradient, then per-sample weight gradients [N, d_out, d_in]
+                      per layer are dotted with the summed target gradient
+Peak memory is measured per method in a fresh subprocess (ru_maxrss above the set-up high-water mark).
+
+    python benchmarks/bench_scoring.py                 # both paper shapes, 1 thread
+    python benchmarks/bench_scoring.py --quick         # small shapes (smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils.benchmark import Timer
+
+import fastattr
+from fastattr import ops
+
+METHODS = ["plain", "fastattr", "fastattr-joint", "fastattr-reference", "materialise", "vmap"]
+
+
+def make_case(hidden: int, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    actor = nn.Sequential(nn.Linear(8, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 4))
+    obs = torch.randn(n, 8, generator=g)
+    act = torch.randint(0, 4, (n,), generator=g)
+    adv = torch.randn(n, generator=g)
+    adv_n = (adv - adv.mean()) / (adv.std() + 1e-8)
+    return actor, obs, act, adv, adv_n
+
+
+def logp(model, obs, act):
+    return torch.log_softmax(model(obs), -1).gather(1, act[:, None]).squeeze(1)
+
+
+def methods(actor, obs, act, adv, adv_n):
+    params = list(actor.parameters())
+
+    def record_loss(m):
+        return -adv_n * logp(m, obs, act)
+
+    def target_loss(m):
+        return -(adv * logp(m, obs, act)).mean()
+
+    def joint(m):
+        lp = logp(m, obs, act)
+        return -adv_n * lp, -(adv * lp).mean()
+
+    def plain():
+        torch.autograd.grad(record_loss(actor).sum(), params)
+        torch.autograd.grad(target_loss(actor), params)
+
+    def fast():
+        return fastattr.score(actor, record_loss, target_loss)
+
+    def fast_joint():
+        return fastattr.score(actor, joint)
+
+    def fast_reference():
+        saved = ops._use_kernel
+        ops._use_kernel = lambda op, device: False
+        try:
+            return fastattr.score(actor, record_loss, target_loss)
+        finally:
+            ops._use_kernel = saved
+
+    def via_vmap():
+        p = {k: v.detach() for k, v in actor.named_parameters()}
+
+        def one(p, o, a, w):
+            return -w * torch.log_softmax(functional_call(actor, p, (o[None],)), -1).gather(1, a.reshape(1, 1))[0, 0]
+
+        per = vmap(grad(one), in_dims=(None, 0, 0, 0))(p, obs, act, adv_n)
+        gt = torch.autograd.grad(target_loss(actor), params)
+        return sum(per[k].flatten(1) @ t.flatten() for k, t in zip(p, gt))
+
+    def materialise():
+        lins = [m for m in actor if isinstance(m, nn.Linear)]
+        store = {"x": [], "y": []}
+
+        def keep(mod, a, y):
+            store["x"].append(a[0].detach())
+            store["y"].append(y)
+
+        hs = [m.register_forward_hook(keep) for m in lins]
+        try:
+            tl = target_loss(actor)
+            x_v, y_v = store["x"][:], store["y"][:]
+            store["x"].clear(), store["y"].clear()
+            rl = record_loss(actor)
+            x_t, y_t = store["x"][:], store["y"][:]
+        finally:
+            for h in hs:
+                h.remove()
+        g_v = torch.autograd.grad(tl, y_v)
+        g_t = torch.autograd.grad(rl.sum(), y_t)
+        score = torch.zeros(len(obs))
+        for xv, gv, xt, gt in zip(x_v, g_v, x_t, g_t):
+            P = gv.T @ xv                                  # summed target gradient of the weight [d_out, d_in]
+            Q = gt[:, :, None] * xt[:, None, :]            # per-sample weight gradients [N, d_out, d_in]
+            score += (Q * P).sum((1, 2)) + gt @ gv.sum(0)  # + bias term
+        return score
+
+    return {"plain": plain, "fastattr": fast, "fastattr-joint": fast_joint, "fastattr-reference": fast_reference,
+            "vmap": via_vmap, "materialise": materialise}
+
+
+def peak_memory_mb(method: str, hidden: int, n: int, threads: int) -> float:
+    """Runs one method in a fresh process; returns its peak RSS above the set-up high-water mark (MiB)."""
+    code = (
+        "import resource, torch, sys; sys.path.insert(0, %r); import bench_scoring as b;"
+        "torch.set_num_threads(%d); c = b.make_case(%d, %d); fns = b.methods(*c);"
+        "fns['plain'](); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+        "fns[%r](); print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
+    ) % (str(Path(__file__).parent), threads, hidden, n, method)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench(hidden: int, n: int, threads: int, min_run_time: float, skip: set[str]) -> list[dict]:
+    torch.set_num_threads(threads)
+    case = make_case(hidden, n)
+    fns = methods(*case)
+    # correctness before timing: every method gives the same scores
+    ref = fns["fastattr-reference"]().double()
+    for name in ("fastattr", "fastattr-joint", "materialise") + (() if "vmap" in skip else ("vmap",)):
+        err = ((fns[name]().double() - ref).abs().max() / ref.abs().max()).item()
+        assert err < 1e-4, f"{name} disagrees with the reference: rel err {err:.2e}"
+    rows = []
+    for name in METHODS:
+        if name in skip:
+            continue
+        t = Timer("f()", globals={"f": fns[name]}, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
+        rows.append({"method": name, "median_ms": t.median * 1e3})
+    base = rows[0]["median_ms"]
+    for r in rows:
+        r["time_ratio"] = r["median_ms"] / base
+        r["peak_mb"] = peak_memory_mb(r["method"], hidden, n, threads)
+    base_mb = max(rows[0]["peak_mb"], 0.01)
+    for r in rows:
+        r["mem_ratio"] = r["peak_mb"] / base_mb
+        r.update(hidden=hidden, n=n, threads=threads)
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--min-run-time", type=float, default=1.0)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_scoring.jsonl"))
+    args = p.parse_args()
+    os.environ["FASTATTR_STRICT"] = "1"  # never time the fallback as if it were the kernel
+    shapes = [(64, 256)] if args.quick else [(64, 2048), (256, 16384)]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    meta = {"torch": torch.__version__, "machine": f"{platform.processor() or platform.machine()} "
+            f"{os.cpu_count()} cores", "commit": commit, "date": datetime.date.today().isoformat()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    print(f"# bench_scoring  torch {meta['torch']}  commit {commit}  threads {args.threads}")
+    print(f"{'shape':<18}{'method':<20}{'median ms':>11}{'x plain':>9}{'peak MiB':>10}{'x plain':>9}")
+    with open(args.out, "a") as f:
+        for hidden, n in shapes:
+            for r in bench(hidden, n, args.threads, args.min_run_time, set()):
+                r.update(meta)
+                f.write(json.dumps(r) + "\n")
+                print(f"{f'{hidden}-{hidden} N={n}':<18}{r['method']:<20}{r['median_ms']:>11.2f}"
+                      f"{r['time_ratio']:>9.2f}{r['peak_mb']:>10.1f}{r['mem_ratio']:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
