@@ -61,9 +61,7 @@ def _ghost_kind(module: nn.Module) -> str | None:
         return "linear"
     if type(module) in _CONV:
         return "conv"
-    if type(module) is nn.Embedding and module.max_norm is None:
-        if module.scale_grad_by_freq:
-            return None
+    if type(module) is nn.Embedding:
         return "embedding"
     return None
 
@@ -119,6 +117,15 @@ def _plan(model: nn.Module, params) -> _Plan:
                 "statistics, so per-record gradients are not defined; call model.eval() (or the module's .eval()) "
                 "before scoring"
             )
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and any(id(p) in chosen_ids for p in m.parameters(recurse=False)):
+            if m.scale_grad_by_freq or m.max_norm is not None:
+                raise ScoringError(
+                    f"model: Embedding '{name}' uses {'scale_grad_by_freq' if m.scale_grad_by_freq else 'max_norm'}, "
+                    "which makes a record's gradient depend on the other records in the batch (or renormalises the "
+                    "table during the forward), so per-record scores are not defined; disable it or exclude the "
+                    "module with `params`"
+                )
     layers, claimed = [], set()
     for name, m in model.named_modules():
         kind = _ghost_kind(m)

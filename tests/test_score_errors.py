@@ -120,3 +120,13 @@ def test_requires_grad_is_restored_and_frozen_params_can_be_scored():
     assert s.shape == (10,) and torch.isfinite(s).all()
     assert not any(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())  # no .grad is ever formed
+
+
+@pytest.mark.parametrize("kwargs,match", [({"scale_grad_by_freq": True}, "scale_grad_by_freq"),
+                                          ({"max_norm": 1.0}, "max_norm")])
+def test_embedding_options_that_mix_records_are_rejected(kwargs, match):
+    model = nn.Sequential(nn.Embedding(5, 3, **kwargs), nn.Linear(3, 2))
+    tokens = torch.randint(0, 5, (6,))
+    with pytest.raises(ScoringError, match=f"Embedding '0' uses {match}"):
+        fastattr.score(model, lambda m: m(tokens).sum(1), lambda m: m(tokens).sum())
+    fastattr.score(model, lambda m: m(tokens).sum(1), lambda m: m(tokens).sum(), params=["1"])

@@ -37,7 +37,7 @@ class CNN(nn.Module):  # MiniGrid-sized: 7x7x3 observations
 
 
 class SeqModel(nn.Module):  # Embedding + Linear over T positions, plus a Linear that sees [B, T, d] inputs
-    def __init__(self, vocab=11, d=6, h=7):
+    def __init__(self, vocab=11, d=32, h=32):  # wide enough that the T>1 Gram (not materialisation) is cheaper
         super().__init__()
         self.emb = nn.Embedding(vocab, d, padding_idx=0)
         self.proj = nn.Linear(d, h)
