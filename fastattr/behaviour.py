@@ -208,8 +208,9 @@ def figure(res: dict) -> bytes:
         ax.legend(fontsize=8)
     ax.set_xlabel("round k (θ(k), buffer B(k))")
     for ph in res["phases"]:
-        axes[0].text((ph["start"] + ph["end"]) / 2, 1.0, ph["name"].split(" ", 1)[0], transform=axes[0].get_xaxis_transform(),
-                     ha="center", va="bottom", fontsize=8)
+        axes[0].text((ph["start"] + ph["end"]) / 2, 0.97, f"phase {ph['name'].split(' ', 1)[0]}",
+                     transform=axes[0].get_xaxis_transform(), ha="center", va="top", fontsize=8, color="#444")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.tight_layout()
     out = io.BytesIO()
     fig.savefig(out, format="png", dpi=110)

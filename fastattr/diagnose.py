@@ -354,7 +354,7 @@ def summary_figure(path, result: dict, d: dict) -> Path:
     ax.set_title("(c) advantage errors by group")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center")
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
     fig.suptitle(f"{result.get('env_id') or 'run'}: diagnosis of round {result['round']} "
                  f"({result['n_records']} records, Ā = {result['mc_advantage']} Monte Carlo)", fontsize=11)
     fig.tight_layout()

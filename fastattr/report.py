@@ -263,7 +263,7 @@ def cost_figure(runs: list[runinfo.Run]) -> tuple[str | None, list[dict]]:
 
 def intervention_figure(res: dict) -> str | None:
     """Bars of Δreturn (filtered − unfiltered) per round and arm with 95% CIs over seeds."""
-    rows = res.get("summary") or []
+    rows = [r for r in res.get("summary") or [] if r["arm"] != "unfiltered"]   # the reference: Δ = 0 by definition
     if not rows:
         return None
     arms = sorted({r["arm"] for r in rows})
@@ -282,7 +282,8 @@ def intervention_figure(res: dict) -> str | None:
     ax.axhline(0, color="k", lw=0.7)
     ax.set_xticks(np.arange(len(rounds)), [f"round {k}" for k in rounds])
     ax.set_ylabel("Δ return vs unfiltered retrain (per episode)")
-    ax.set_title("Retrain from θ(k) without the selected records (95% t-interval over seeds)")
+    ax.set_title(f"{res.get('env_id') or ''}: retrain from θ(k) without the selected records "
+                 f"(95% t-interval over {len(res.get('seeds') or [])} seeds)", fontsize=10)
     ax.legend(fontsize=9)
     return fig_to_b64(fig)
 
@@ -510,8 +511,9 @@ def _render_behaviour(res: dict, f: Path) -> str:
         out.append(_img(file_b64(png), "behaviour"))
     rows = res.get("rounds") or []
     out.append(_table(rows[:: max(1, len(rows) // 15)] if rows else [],
-                      [("round", "round"), ("n_match", "matching records"), ("influence_mean", "mean influence"),
-                       ("top_share", "share in top records"), ("roughness", "roughness")]))
+                      [("round", "round"), ("n_match", "matching records"), ("influence_absmax", "max |I|"),
+                       ("top_share", "top records matching the probe"), ("top_same_action", "top with a probe action"),
+                       ("assoc_spearman", "Spearman(I, ±Ã)"), ("roughness", "roughness")]))
     return "".join(out)
 
 
