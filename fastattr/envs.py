@@ -184,6 +184,7 @@ def make_vector_env(env_id: str, num_envs: int, env_kwargs: dict | None = None) 
         envs = gym.vector.SyncVectorEnv(
             [make_env(env_id, env_kwargs) for _ in range(num_envs)],
             autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+            copy=False,  # the rollout copies each observation into its buffer anyway
         )
     except (TypeError, gym.error.Error) as e:
         raise ValueError(f"could not create {env_id} with env_kwargs={env_kwargs or {}}: {e}") from e

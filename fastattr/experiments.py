@@ -185,7 +185,8 @@ def main_compare(argv: list[str] | None = None) -> int:
 
     out = Path(opts.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    runs = {(m, s): out / "runs" / f"{m}_s{s}" for m in methods for s in seeds}
+    # seed-major order: with --jobs 1 the paired comparisons (ppo vs iif of one seed) complete early
+    runs = {(m, s): out / "runs" / f"{m}_s{s}" for s in seeds for m in methods}
     failed = []
     if not opts.aggregate_only:
         todo = [(m, s) for (m, s), d in runs.items() if not _run_finished(d)]

@@ -96,6 +96,9 @@ class Args:
     """max global grad norm when --clip-grad"""
     norm_adv: bool = True
     """normalise advantages per minibatch (SB3)"""
+    update_backend: str = "auto"
+    """auto | torch | numpy: the minibatch step; auto = numpy (same loss, hand-written backward, ~4x faster here)
+    for MLP agents with plain SGD, torch autograd otherwise"""
     minibatch_remainder: str = "keep"
     """keep | drop: the last partial minibatch of an epoch (SB3 keeps it; the official IIF retrain drops it)"""
     network: str = "auto"
@@ -167,6 +170,8 @@ def validate_args(args: Args) -> Args:
     need(args.network in ("auto", "mlp", "cnn"), f"--network must be auto, mlp or cnn, got {args.network!r}")
     need(args.score_adv_norm in ("minibatch", "buffer", "none"),
          f"--score-adv-norm must be minibatch, buffer or none, got {args.score_adv_norm!r}")
+    need(args.update_backend in ("auto", "torch", "numpy"),
+         f"--update-backend must be auto, torch or numpy, got {args.update_backend!r}")
     need(args.minibatch_remainder in ("keep", "drop"),
          f"--minibatch-remainder must be keep or drop, got {args.minibatch_remainder!r}")
     need(args.preset in ("", "paper"), f"--preset must be 'paper' or empty, got {args.preset!r}")
@@ -261,16 +266,14 @@ class Agent(nn.Module):
         (w0, b0), (w1, b1), (w2, b2) = self._linears[which]
         return F.linear(torch.tanh(F.linear(torch.tanh(F.linear(z, w0, b0)), w1, b1)), w2, b2)
 
-    def _log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _log_prob_entropy(self, out: torch.Tensor, actions: torch.Tensor, entropy: bool = True):
         if self.continuous:
             logstd = self.actor_logstd.expand_as(out)
             logp = (-0.5 * ((actions - out) * torch.exp(-logstd)) ** 2 - logstd - 0.5 * LOG_2PI).sum(-1)
-            entropy = (0.5 + 0.5 * LOG_2PI + logstd).sum(-1)
-            return logp, entropy
+            return logp, ((0.5 + 0.5 * LOG_2PI + logstd).sum(-1) if entropy else None)
         logp_all = F.log_softmax(out, dim=-1)
         logp = logp_all.gather(1, actions.long().reshape(-1, 1)).squeeze(1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return logp, entropy
+        return logp, (-(logp_all.exp() * logp_all).sum(-1) if entropy else None)
 
     def log_prob(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """log pi(a|s) [N] (summed over action dims for Gaussian actions); actor parameters only, via the modules."""
@@ -283,29 +286,53 @@ class Agent(nn.Module):
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         return self._chain(self.features(self.preprocess(obs)), "critic").squeeze(-1)
 
-    def evaluate_actions(self, obs, actions):
-        """(log pi(a|s), entropy, V(s)), each [N], from one pass through the shared features (SB3's name)."""
+    def evaluate_actions(self, obs, actions, entropy: bool = True):
+        """(log pi(a|s), entropy or None, V(s)), each [N], from one pass through the shared features (SB3's name)."""
         z = self.features(self.preprocess(obs))
-        logp, entropy = self._log_prob_entropy(self._chain(z, "actor"), actions)
+        logp, entropy = self._log_prob_entropy(self._chain(z, "actor"), actions, entropy)
         return logp, entropy, self._chain(z, "critic").squeeze(-1)
 
-    def sample(self, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """a ~ pi(.|s) from `generator`: Gaussian mean + std * noise, or the inverse CDF of the softmax at one
-        uniform draw per row (torch.multinomial costs ~10x more per call at this size)."""
-        if self.continuous:
-            noise = torch.randn(out.shape, generator=generator)
-            return out + torch.exp(self.actor_logstd) * noise
-        cdf = F.softmax(out, dim=-1).cumsum(-1)
-        u = torch.rand((out.shape[0], 1), generator=generator)
-        return (cdf < u).sum(-1).clamp_(max=out.shape[-1] - 1)
+    @torch.no_grad()
+    def sample_actions(self, obs: np.ndarray, rng: np.random.Generator, policy: "NumpyPolicy | None" = None):
+        """a ~ pi(.|s) for a batch of raw observations, drawn with the numpy Generator `rng` (one uniform per row for
+        discrete actions: the inverse CDF of the softmax; a standard normal per dim for Gaussian actions).
 
-    def act(self, obs: torch.Tensor, generator: torch.Generator, with_value: bool = True):
-        """Samples a ~ pi(.|s) with `generator`; returns (actions, log pi(a|s), V(s) or None)."""
-        z = self.features(self.preprocess(obs))
-        out = self._chain(z, "actor")
-        actions = self.sample(out, generator)
-        logp, _ = self._log_prob_entropy(out, actions)
-        return actions, logp, (self._chain(z, "critic").squeeze(-1) if with_value else None)
+        With `policy` (this agent's weights as numpy arrays, see `numpy_policy`) the MLP runs in numpy: a rollout step
+        is a batch of one, where numpy's per-op cost is a fraction of torch's. Otherwise (the CNN) torch computes the
+        logits. The buffer's log-probabilities and values are computed afterwards in one torch pass."""
+        if policy is not None:
+            out = policy.actor_out(obs)
+        else:
+            out = self._chain(self.features(self.preprocess(torch.as_tensor(obs, dtype=torch.float32))), "actor")
+            out = out.numpy().astype(np.float64)
+        if self.continuous:
+            std = np.exp(self.actor_logstd.detach().numpy().astype(np.float64))
+            return (out + std * rng.standard_normal(out.shape)).astype(np.float32)
+        e = np.exp(out - out.max(-1, keepdims=True))
+        cdf = np.cumsum(e, -1)
+        u = rng.random((out.shape[0], 1)) * cdf[:, -1:]
+        return np.minimum((cdf < u).sum(-1), out.shape[-1] - 1).astype(np.int64)
+
+    def numpy_policy(self) -> "NumpyPolicy | None":
+        """A frozen numpy copy of the MLP actor for sampling (None for the CNN). Rebuild it after each update."""
+        return NumpyPolicy(self) if self.network == "mlp" else None
+
+
+class NumpyPolicy:
+    """The actor MLP of an Agent as float64 numpy arrays, for fast batched-of-one sampling during rollouts."""
+
+    def __init__(self, agent: Agent):
+        self.kind, self.n_obs = agent.obs_kind, agent.n_obs
+        self.layers = [(w.detach().numpy().astype(np.float64).T.copy(), b.detach().numpy().astype(np.float64))
+                       for w, b in agent._linears["actor"]]
+
+    def actor_out(self, obs: np.ndarray) -> np.ndarray:
+        if self.kind == "onehot":
+            x = np.eye(self.n_obs)[np.asarray(obs).astype(np.int64).reshape(-1)]
+        else:
+            x = np.asarray(obs, dtype=np.float64).reshape(len(obs), -1)
+        (w0, b0), (w1, b1), (w2, b2) = self.layers
+        return np.tanh(np.tanh(x @ w0 + b0) @ w1 + b1) @ w2 + b2
 
 
 def make_optimizer(agent: Agent, args: Args) -> torch.optim.Optimizer:
@@ -324,6 +351,8 @@ class RolloutState:
     next_obs: np.ndarray
     ep_return: np.ndarray
     ep_length: np.ndarray
+    rng: np.random.Generator
+    """draws the rollout's actions"""
     global_step: int = 0
 
 
@@ -358,24 +387,25 @@ def _check_finite(x: np.ndarray, what: str, env_id: str, step: int) -> None:
 
 
 @torch.no_grad()
-def collect_rollout(envs: gym.vector.VectorEnv, agent: Agent, state: RolloutState, args: Args,
-                    generator: torch.Generator) -> tuple[Buffer, list[tuple[float, int]]]:
-    """Runs n_steps in every env with pi_theta(k). Returns the buffer (no advantages yet) and the (return, length) of
-    every episode that finished. Observations and rewards are checked for NaN/inf (ValueError)."""
+def collect_rollout(envs: gym.vector.VectorEnv, agent: Agent, state: RolloutState,
+                    args: Args) -> tuple[Buffer, list[tuple[float, int]]]:
+    """Runs n_steps in every env with pi_theta(k), actions drawn from state.rng. Returns the buffer (no advantages
+    yet) and the (return, length) of every episode that finished. Observations and rewards are checked for NaN/inf
+    (ValueError). log pi(a|s) and V(s) are computed for the whole buffer in one pass after the loop."""
     T, E = args.n_steps, envs.num_envs
     obs_buf = np.zeros((T, E) + tuple(envs.single_observation_space.shape), dtype=np.float32)
     act_shape = tuple(envs.single_action_space.shape) if agent.continuous else ()
     act_buf = np.zeros((T, E) + act_shape, dtype=np.float32 if agent.continuous else np.int64)
-    logp_buf, val_buf, rew_buf, boot_buf, done_buf, term_buf = (np.zeros((T, E), dtype=np.float32) for _ in range(6))
+    rew_buf, boot_buf, done_buf, term_buf = (np.zeros((T, E), dtype=np.float32) for _ in range(4))
     finished: list[tuple[float, int]] = []
     if agent.continuous:
         low, high = envs.single_action_space.low, envs.single_action_space.high
+    policy = agent.numpy_policy()
     next_obs = state.next_obs
     for t in range(T):
         obs_buf[t] = next_obs
-        action, logp, value = agent.act(torch.from_numpy(obs_buf[t]), generator)
-        a_np = action.numpy()
-        act_buf[t], logp_buf[t], val_buf[t] = a_np, logp.numpy(), value.numpy()
+        a_np = agent.sample_actions(next_obs, state.rng, policy)
+        act_buf[t] = a_np
         # Gaussian actions are clipped for the env only; the buffer keeps the sample (SB3)
         next_obs, reward, terminated, truncated, info = envs.step(np.clip(a_np, low, high) if agent.continuous
                                                                   else a_np)
@@ -403,8 +433,10 @@ def collect_rollout(envs: gym.vector.VectorEnv, agent: Agent, state: RolloutStat
     def flat(x):
         return torch.from_numpy(x.reshape((T * E,) + x.shape[2:]))
 
-    buf = Buffer(flat(obs_buf), flat(act_buf), flat(logp_buf), flat(val_buf), flat(rew_buf), flat(boot_buf),
-                 flat(done_buf), flat(term_buf), next_value, num_envs=E)
+    obs, actions = flat(obs_buf), flat(act_buf)
+    logp, _, values = agent.evaluate_actions(obs, actions)
+    buf = Buffer(obs, actions, logp, values, flat(rew_buf), flat(boot_buf), flat(done_buf), flat(term_buf),
+                 next_value, num_envs=E)
     return buf, finished
 
 
@@ -497,53 +529,188 @@ def score_buffer(agent: Agent, obs: torch.Tensor, actions: torch.Tensor, adv_rec
 # ----------------------------------------------------------------------------------------------------------------------
 # Update
 # ----------------------------------------------------------------------------------------------------------------------
-def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, buf: Buffer, keep: torch.Tensor | None, args: Args,
-               generator: torch.Generator, epoch1_order: torch.Tensor | None = None) -> dict:
-    """n_epochs of clipped-surrogate PPO (SB3 semantics) over the records where `keep` is True (None = all).
-
-    Epoch 1 visits `epoch1_order` restricted to kept records (the order the scores' A~ normalisation used), later
-    epochs a fresh permutation of the kept records from `generator`. Returns mean losses and diagnostics."""
-    n = buf.n
-    keep = torch.ones(n, dtype=torch.bool) if keep is None else keep
-    kept_idx = keep.nonzero().squeeze(1)
-    stats = {"pg_loss": 0.0, "v_loss": 0.0, "entropy": 0.0, "approx_kl": 0.0, "clipfrac": 0.0}
-    steps = 0
+def minibatches(n_kept_order_epoch1: torch.Tensor | None, kept_idx: torch.Tensor, args: Args,
+                generator: torch.Generator):
+    """Yields the minibatch index tensors of one update: epoch 1 in the given order (or a fresh permutation), later
+    epochs freshly permuted from `generator`; the last partial minibatch kept or dropped per args."""
     for epoch in range(args.n_epochs):
-        if epoch == 0 and epoch1_order is not None:
-            order = epoch1_order[keep[epoch1_order]]
+        if epoch == 0 and n_kept_order_epoch1 is not None:
+            order = n_kept_order_epoch1
         else:
             order = kept_idx[torch.randperm(len(kept_idx), generator=generator)]
         for start in range(0, len(order), args.batch_size):
             mb = order[start:start + args.batch_size]
             if len(mb) < args.batch_size and args.minibatch_remainder == "drop":
                 break
-            newlogp, entropy, newvalue = agent.evaluate_actions(buf.obs[mb], buf.actions[mb])
-            logratio = newlogp - buf.logp[mb]
-            ratio = logratio.exp()
-            adv = buf.advantages[mb]
-            if args.norm_adv and len(mb) > 1:
-                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
-            pg_loss = -torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
-            v_loss = F.mse_loss(newvalue, buf.returns[mb])
-            entropy_loss = -entropy.mean()
-            loss = pg_loss + args.ent_coef * entropy_loss + args.vf_coef * v_loss
+            yield mb
 
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad:
-                nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
-            optimizer.step()
 
-            with torch.no_grad():
-                stats["pg_loss"] += pg_loss.item()
-                stats["v_loss"] += v_loss.item()
-                stats["entropy"] += -entropy_loss.item()
-                stats["approx_kl"] += ((ratio - 1) - logratio).mean().item()
-                stats["clipfrac"] += ((ratio - 1.0).abs() > args.clip_coef).float().mean().item()
-            steps += 1
-    out = {k: v / max(steps, 1) for k, v in stats.items()}
-    out["optimizer_steps"] = steps
-    return out
+def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, buf: Buffer, keep: torch.Tensor | None, args: Args,
+               generator: torch.Generator, epoch1_order: torch.Tensor | None = None) -> dict:
+    """n_epochs of clipped-surrogate PPO (SB3 semantics) over the records where `keep` is True (None = all).
+
+    Epoch 1 visits `epoch1_order` restricted to kept records (the order the scores' A~ normalisation used), later
+    epochs a fresh permutation of the kept records from `generator`. Returns mean losses and diagnostics.
+    MLP agents trained with SGD take the numpy fast path (`NumpySGDStep`, same loss and step) unless
+    args.update_backend == "torch"."""
+    n = buf.n
+    keep = torch.ones(n, dtype=torch.bool) if keep is None else keep
+    kept_idx = keep.nonzero().squeeze(1)
+    order1 = epoch1_order[keep[epoch1_order]] if epoch1_order is not None else None
+    use_numpy = args.update_backend == "numpy" or (args.update_backend == "auto" and NumpySGDStep.supports(
+        agent, optimizer))
+    if use_numpy:
+        if not NumpySGDStep.supports(agent, optimizer):
+            raise ValueError("--update-backend numpy needs an MLP agent and plain SGD (no momentum, no weight decay); "
+                             "use --update-backend torch")
+        step = NumpySGDStep(agent, optimizer, buf, args)
+    else:
+        step = TorchStep(agent, optimizer, buf, args)
+    sums, steps = np.zeros(4), 0  # pg_loss, v_loss, approx_kl, clipfrac
+    for mb in minibatches(order1, kept_idx, args, generator):
+        sums += step(mb)
+        steps += 1
+    pg, vl, kl, cf = (sums / max(steps, 1)).tolist()
+    with torch.no_grad():
+        ent = agent.evaluate_actions(buf.obs[kept_idx], buf.actions[kept_idx])[1].mean().item()
+    return {"pg_loss": pg, "v_loss": vl, "entropy": ent, "approx_kl": kl, "clipfrac": cf, "optimizer_steps": steps}
+
+
+class TorchStep:
+    """One minibatch step through torch autograd: any agent, any optimiser (the reference for NumpySGDStep)."""
+
+    def __init__(self, agent: Agent, optimizer, buf: Buffer, args: Args):
+        self.agent, self.optimizer, self.buf, self.args = agent, optimizer, buf, args
+
+    def __call__(self, mb: torch.Tensor) -> np.ndarray:
+        agent, buf, args = self.agent, self.buf, self.args
+        need_entropy = args.ent_coef != 0.0  # the paper's ent_coef is 0: skip the entropy graph
+        newlogp, entropy, newvalue = agent.evaluate_actions(buf.obs[mb], buf.actions[mb], need_entropy)
+        logratio = newlogp - buf.logp[mb]
+        ratio = logratio.exp()
+        adv = buf.advantages[mb]
+        if args.norm_adv and len(mb) > 1:
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        pg_loss = -torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)).mean()
+        v_loss = F.mse_loss(newvalue, buf.returns[mb])  # SB3: no 1/2 factor, vf_coef 0.5
+        loss = pg_loss + args.vf_coef * v_loss
+        if need_entropy:
+            loss = loss - args.ent_coef * entropy.mean()
+
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_grad:
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+        self.optimizer.step()
+        with torch.no_grad():
+            return torch.stack([pg_loss, v_loss, ((ratio - 1) - logratio).mean(),
+                                ((ratio - 1.0).abs() > args.clip_coef).float().mean()]).numpy().astype(np.float64)
+
+
+class NumpySGDStep:
+    """TorchStep's loss and plain-SGD step for the 2x64 tanh MLP agent, with the backward pass written out in numpy.
+
+    At minibatch 64 a step is ~20 tiny ops whose per-call overhead dominates: torch autograd takes ~2 ms here,
+    numpy ~0.5 ms (benchmarks/bench_ppo.py). The arrays are views of the torch Parameters, so the updates land in
+    the agent directly (SGD keeps no optimiser state). Agrees with TorchStep to float32 rounding (tests/test_ppo.py).
+    """
+
+    @staticmethod
+    def supports(agent: Agent, optimizer) -> bool:
+        if agent.network != "mlp" or type(optimizer) is not torch.optim.SGD:
+            return False
+        g = optimizer.param_groups
+        return len(g) == 1 and not g[0]["momentum"] and not g[0]["weight_decay"] and not g[0]["nesterov"] \
+            and not g[0].get("maximize", False)
+
+    def __init__(self, agent: Agent, optimizer, buf: Buffer, args: Args):
+        self.agent, self.args = agent, args
+        self.lr = np.float32(optimizer.param_groups[0]["lr"])
+        # [W (out, in), b] per layer, sharing memory with the Parameters
+        self.layers = {k: [(w.detach().numpy(), b.detach().numpy()) for w, b in agent._linears[k]]
+                       for k in ("actor", "critic")}
+        self.logstd = agent.actor_logstd.detach().numpy() if agent.continuous else None
+        with torch.no_grad():
+            self.x = agent.preprocess(buf.obs).numpy()
+        self.actions = buf.actions.numpy()
+        self.logp_old, self.adv = buf.logp.numpy(), buf.advantages.numpy()
+        self.returns = buf.returns.numpy()
+
+    @staticmethod
+    def _forward(layers, x):
+        (w0, b0), (w1, b1), (w2, b2) = layers
+        h1 = np.tanh(x @ w0.T + b0)
+        h2 = np.tanh(h1 @ w1.T + b1)
+        return h1, h2, h2 @ w2.T + b2
+
+    @staticmethod
+    def _backward(layers, x, h1, h2, g):
+        """Gradients [(gW, gb)] of sum(g * out) for out = MLP(x)."""
+        (_, _), (w1, _), (w2, _) = layers
+        g2 = (g @ w2) * (1 - h2 * h2)
+        g1 = (g2 @ w1) * (1 - h1 * h1)
+        return [(g1.T @ x, g1.sum(0)), (g2.T @ h1, g2.sum(0)), (g.T @ h2, g.sum(0))]
+
+    def __call__(self, mb: torch.Tensor) -> np.ndarray:
+        a = self.args
+        idx = mb.numpy()
+        n = len(idx)
+        x, act = self.x[idx], self.actions[idx]
+        h1, h2, out = self._forward(self.layers["actor"], x)
+        c1, c2, v = self._forward(self.layers["critic"], x)
+        v = v[:, 0]
+        # log pi(a|s) and its gradient w.r.t. the actor's output (and the log-std)
+        if self.logstd is None:
+            z = out - out.max(1, keepdims=True)
+            logp_all = z - np.log(np.exp(z).sum(1, keepdims=True))
+            p = np.exp(logp_all)
+            rows = np.arange(n)
+            logp = logp_all[rows, act]
+        else:
+            inv_std = np.exp(-self.logstd)
+            u = (act - out) * inv_std
+            logp = (-0.5 * u * u - self.logstd - np.float32(0.5 * LOG_2PI)).sum(1)
+        logratio = logp - self.logp_old[idx]
+        ratio = np.exp(logratio)
+        adv = self.adv[idx]
+        if a.norm_adv and n > 1:
+            adv = (adv - adv.mean()) / (adv.std(ddof=1) + np.float32(1e-8))
+        lo, hi = 1 - a.clip_coef, 1 + a.clip_coef
+        surr1, surr2 = adv * ratio, adv * np.clip(ratio, lo, hi)
+        pg_loss = -np.minimum(surr1, surr2).mean()
+        v_loss = ((v - self.returns[idx]) ** 2).mean()
+        # d loss / d logp_i: torch.min routes the gradient to surr1 where surr1 <= surr2 (ties included); the clipped
+        # branch passes gradient only strictly inside (lo, hi)
+        d_ratio = np.where(surr1 <= surr2, adv, adv * ((ratio > lo) & (ratio < hi)))
+        d_logp = (-(d_ratio * ratio) / n).astype(np.float32)
+        grads = {}
+        if self.logstd is None:
+            g_out = -p * d_logp[:, None]
+            g_out[rows, act] += d_logp
+            if a.ent_coef:
+                ent = -(p * logp_all).sum(1)
+                g_out += (a.ent_coef / n) * p * (logp_all + ent[:, None])  # d(-c * mean H)/d logits
+        else:
+            g_out = d_logp[:, None] * u * inv_std
+            g_logstd = (d_logp[:, None] * (u * u - 1)).sum(0) - (a.ent_coef if a.ent_coef else 0.0)
+            grads["logstd"] = g_logstd.astype(np.float32)
+        grads["actor"] = self._backward(self.layers["actor"], x, h1, h2, g_out.astype(np.float32))
+        g_v = (a.vf_coef * 2.0 / n) * (v - self.returns[idx])
+        grads["critic"] = self._backward(self.layers["critic"], x, c1, c2, g_v[:, None].astype(np.float32))
+        scale = np.float32(1.0)
+        if a.clip_grad:
+            sq = sum(float((gw * gw).sum() + (gb * gb).sum()) for k in ("actor", "critic") for gw, gb in grads[k])
+            sq += float((grads["logstd"] ** 2).sum()) if "logstd" in grads else 0.0
+            scale = np.float32(min(1.0, a.max_grad_norm / (math.sqrt(sq) + 1e-6)))
+        step = self.lr * scale
+        for k in ("actor", "critic"):
+            for (w, b), (gw, gb) in zip(self.layers[k], grads[k]):
+                w -= step * gw
+                b -= step * gb
+        if "logstd" in grads:
+            self.logstd -= step * grads["logstd"]
+        clipfrac = (np.abs(ratio - 1.0) > a.clip_coef).mean()
+        return np.array([pg_loss, v_loss, ((ratio - 1) - logratio).mean(), clipfrac], dtype=np.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -579,7 +746,8 @@ def evaluate(agent: Agent, eval_envs: gym.vector.VectorEnv, episodes: int, seed:
     run evaluates identically."""
     E = eval_envs.num_envs
     quota = np.array([episodes // E + (i < episodes % E) for i in range(E)])
-    gen = torch.Generator().manual_seed(_derived_seed(seed, round_, 0xE7A1))
+    rng = np.random.default_rng(_derived_seed(seed, round_, 0xE7A1))
+    policy = agent.numpy_policy()
     base = _derived_seed(seed, round_, 0x5EED) % (2**31 - E)
     obs, _ = eval_envs.reset(seed=[base + i for i in range(E)])
     done_count = np.zeros(E, dtype=np.int64)
@@ -590,8 +758,8 @@ def evaluate(agent: Agent, eval_envs: gym.vector.VectorEnv, episodes: int, seed:
     if continuous:
         low, high = eval_envs.single_action_space.low, eval_envs.single_action_space.high
     while (done_count < quota).any():
-        action, _, _ = agent.act(torch.as_tensor(obs, dtype=torch.float32), gen, with_value=False)
-        a = np.clip(action.numpy(), low, high) if continuous else action.numpy()
+        action = agent.sample_actions(obs, rng, policy)
+        a = np.clip(action, low, high) if continuous else action
         obs, reward, terminated, truncated, _ = eval_envs.step(a)
         ep_ret += reward
         ep_len += 1
@@ -692,6 +860,7 @@ def save_checkpoint(path: Path, *, round_: int, agent: Agent, optimizer, generat
         "rng": {
             "torch_global": torch.get_rng_state(),
             "train": generator.get_state(),
+            "actions": _np_state(state.rng),
             "filter": _np_state(filter_rng),
             "numpy_global": [np_global[0], torch.from_numpy(np_global[1].astype(np.int64)), *map(float, np_global[2:])],
             "python": random.getstate(),
@@ -731,7 +900,9 @@ def restore_checkpoint(ckpt: dict, agent: Agent, optimizer, generator: torch.Gen
             warnings.warn(f"{env_id}: training env {i} could not be rebuilt exactly from its replay record (its "
                           "randomness is not all in np_random); the resumed run continues from the saved observation "
                           "but will not be bit-identical to an uninterrupted one", RuntimeWarning, stacklevel=2)
-    state = RolloutState(saved_obs, ro["ep_return"].numpy().copy(), ro["ep_length"].numpy().copy(),
+    action_rng = np.random.default_rng()
+    action_rng.bit_generator.state = json.loads(rng["actions"])
+    state = RolloutState(saved_obs, ro["ep_return"].numpy().copy(), ro["ep_length"].numpy().copy(), action_rng,
                          int(ro["global_step"]))
     return filter_rng, state
 
@@ -778,7 +949,7 @@ def _main(args: Args) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(_derived_seed(args.seed, 0x7A1))   # actions + minibatch order
+    generator = torch.Generator().manual_seed(_derived_seed(args.seed, 0x7A1))   # minibatch order
     filter_rng = np.random.default_rng(_derived_seed(args.seed, 0xF11))          # the random-drop control only
 
     # envs and agent before the run dir: an unsupported env never leaves a half-made run dir behind
@@ -802,7 +973,8 @@ def _main(args: Args) -> dict:
     obs0, _ = envs.reset(seed=args.seed)
     totals = {"wall_seconds": 0.0}
     if ckpt is None:
-        state = RolloutState(obs0, np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64))
+        state = RolloutState(obs0, np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64),
+                             np.random.default_rng(_derived_seed(args.seed, 0xAC7)))  # the rollout's actions
         start_round = 0
         if metrics_file.exists():
             metrics_file.unlink()  # killed before its first checkpoint: start over
@@ -834,7 +1006,7 @@ def _main(args: Args) -> dict:
         t_round = time.perf_counter()
         # ALGO LOGIC: rollout with theta(k)
         t0 = time.perf_counter()
-        buf, episodes = collect_rollout(envs, agent, state, args, generator)
+        buf, episodes = collect_rollout(envs, agent, state, args)
         compute_gae(buf, args.gamma, args.gae_lambda)
         rollout_seconds = time.perf_counter() - t0
 
