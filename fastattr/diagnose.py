@@ -274,7 +274,8 @@ def states_grid(path, env_id: str | None, obs, actions, titles: list[str], group
     import matplotlib.pyplot as plt
     fam = runinfo.env_family(env_id)
     rows_per = [max(1, -(-len(ix) // cols)) for _, ix in groups]
-    fig, axes = plt.subplots(sum(rows_per), cols, figsize=(1.6 * cols, 1.9 * sum(rows_per)), squeeze=False)
+    row_h = 1.9 if fam == "FrozenLake" else 2.2
+    fig, axes = plt.subplots(sum(rows_per), cols, figsize=(1.6 * cols, row_h * sum(rows_per)), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     desc = frozenlake_desc(env_id, args, np.asarray(obs).shape[1] if np.asarray(obs).ndim == 2 else None) \
@@ -291,8 +292,8 @@ def states_grid(path, env_id: str | None, obs, actions, titles: list[str], group
                 ax.imshow(minigrid_image(obs[i]))
                 ax.set_xticks([])
                 ax.set_yticks([])
-                ax.set_xlabel(runinfo.action_name(env_id, actions[i]), fontsize=7)
-            ax.set_title(titles[i], fontsize=7)
+            title = titles[i] if fam == "FrozenLake" else f"{titles[i]}\naction: {runinfo.action_name(env_id, actions[i])}"
+            ax.set_title(title, fontsize=7)
         axes[row0, 0].text(-0.15, 0.5, label, transform=axes[row0, 0].transAxes, rotation=90, ha="right",
                            va="center", fontsize=10, fontweight="bold")
         row0 += nrows
