@@ -123,3 +123,13 @@ def test_behaviour_end_to_end_and_bad_probes(run, capsys):
     assert "MiniGrid runs" in capsys.readouterr().err
     assert behaviour.main([str(run), "--probe", "no-such-probe"]) == 2
     assert "unknown probe" in capsys.readouterr().err
+
+
+def test_run_dir_from_another_version(tmp_path, capsys):
+    from _synthetic_run import make_run
+    old = make_run(tmp_path / "old", rounds=(0,), n=64)
+    args = json.loads((old / "args.json").read_text())
+    (old / "args.json").write_text(json.dumps({**args, "num_steps": 64, "legacy_flag": True}))
+    for main, extra in ((intervene.main, []), (validate.main, []), (behaviour.main, ["--probe", "action=1"])):
+        assert main([str(old), "--round" if main is not behaviour.main else "--rounds", "0", *extra]) == 2
+        assert "another fastattr version" in capsys.readouterr().err
