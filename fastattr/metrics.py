@@ -9,7 +9,9 @@ For a standard-PPO curve (baseline) and a method's curve from the same seed, bot
     SE_peak    reduction at v*
     RT_peak    1 - T_method(m_method(v*)) / T_std(m_std(v*)), T(r) the cumulative time through round r:
                `opt` = optimisation + influence time only (the paper's Table 5, PAPER.md §8), or
-               `train` = full training wall-clock (rollouts + influence + optimisation; evaluation excluded)
+               `train` = full training wall-clock (rollouts + influence + optimisation; evaluation excluded);
+               also `updates` = optimiser steps instead of seconds: a load-independent proxy of the optimisation
+               work, since wall-clock on a shared machine moves with the other processes' load
 A level the method never reaches within its budget counts as reached one round after its last round (time: its
 total plus one mean round), so it lowers the reduction; `censored` counts such levels. Seeds are paired (seed s
 of the method against seed s of standard PPO, which share theta(0) and the first buffer); the mean +- s.e. is over
@@ -39,17 +41,21 @@ class Curve:
     last_round: int
     mean_round_opt: float
     mean_round_train: float
+    updates: np.ndarray | None = None  # cumulative optimiser steps (a load-independent measure of optimisation work)
+    mean_round_updates: float = 0.0
 
     def trained(self) -> "Curve":
         keep = self.rounds >= 1
+        upd = self.updates[keep] if self.updates is not None else None
         return Curve(self.rounds[keep], self.steps[keep], self.returns[keep], self.opt[keep], self.train[keep],
-                     self.last_round, self.mean_round_opt, self.mean_round_train)
+                     self.last_round, self.mean_round_opt, self.mean_round_train, upd, self.mean_round_updates)
 
 
 def curve_from_rows(rows: list[dict]) -> Curve:
     rows = sorted(rows, key=lambda r: r["round"])
     opt = np.cumsum([(r.get("attr_seconds") or 0.0) + (r.get("update_seconds") or 0.0) for r in rows])
     train = np.cumsum([r.get("train_seconds") or 0.0 for r in rows])
+    upd = np.cumsum([r.get("optimizer_steps") or 0 for r in rows]).astype(np.float64)
     ev = [i for i, r in enumerate(rows) if r.get("eval_return") is not None]
     n_trained = max(sum(1 for r in rows if r["round"] >= 1), 1)
     return Curve(
@@ -60,6 +66,7 @@ def curve_from_rows(rows: list[dict]) -> Curve:
         last_round=int(rows[-1]["round"]) if rows else 0,
         mean_round_opt=float(opt[-1]) / n_trained if rows else 0.0,
         mean_round_train=float(train[-1]) / n_trained if rows else 0.0,
+        updates=upd[ev] if ev else np.zeros(0), mean_round_updates=float(upd[-1]) / n_trained if rows else 0.0,
     )
 
 
@@ -110,16 +117,20 @@ def sample_efficiency(std: Curve, other: Curve) -> dict:
     def time_at(c: Curve, m: int | None, key: str) -> float:
         t = getattr(c, key)
         if m is None:
-            return float(t[-1] if len(t) else 0.0) + (c.mean_round_opt if key == "opt" else c.mean_round_train)
+            extra = {"opt": c.mean_round_opt, "train": c.mean_round_train, "updates": c.mean_round_updates}[key]
+            return float(t[-1] if len(t) else 0.0) + extra
         return float(t[np.nonzero(c.rounds == m)[0][0]])
 
     rt = {}
-    for key in ("opt", "train"):
+    for key in ("opt", "train", "updates"):
+        if key == "updates" and (s.updates is None or o.updates is None):
+            rt[key] = float("nan")
+            continue
         t_std = time_at(s, m_std_peak, key)
         rt[key] = 1.0 - time_at(o, m_peak, key) / t_std if t_std > 0 else float("nan")
     return {
         "se_ave": float(np.mean(reds)), "se_peak": float(reds[-1]), "rt_peak_opt": rt["opt"],
-        "rt_peak_train": rt["train"], "n_levels": len(levels), "censored_levels": censored,
+        "rt_peak_train": rt["train"], "rt_peak_updates": rt["updates"], "n_levels": len(levels), "censored_levels": censored,
         "peak_censored": m_peak is None, "std_peak": v_peak, "m_std_peak": m_std_peak, "m_peak": m_peak,
     }
 
@@ -183,7 +194,7 @@ def summarize(curves: dict[str, dict[int, Curve]], baseline: str = "ppo", conf: 
             for s in sorted(set(runs) & set(curves[baseline])):
                 if len(curves[baseline][s].trained().returns) and len(runs[s].trained().returns):
                     per_seed[s] = sample_efficiency(curves[baseline][s], runs[s])
-            for key in ("se_ave", "se_peak", "rt_peak_opt", "rt_peak_train"):
+            for key in ("se_ave", "se_peak", "rt_peak_opt", "rt_peak_train", "rt_peak_updates"):
                 m, e, k = mean_se([d[key] for d in per_seed.values()])
                 entry[key] = {"mean": m, "se": e, "n": k}
             entry["censored_levels"] = sum(d["censored_levels"] for d in per_seed.values())
@@ -206,22 +217,24 @@ def to_markdown(summary: dict, title: str = "") -> str:
     lines = [f"# {title}" if title else "# Comparison", ""]
     lines.append(f"Against `{base}`, paired by seed; mean ± s.e. over seeds (PAPER.md §5 definitions, see "
                  "fastattr/metrics.py). RT_peak (opt) counts optimisation + influence time only, as the paper's "
-                 "Table 5; RT_peak (train) counts the full training wall-clock (rollouts too, evaluation excluded).")
+                 "Table 5; RT_peak (train) counts the full training wall-clock (rollouts too, evaluation excluded); "
+                 "RT_peak (opt. steps) counts optimiser steps, which no other process's load can move.")
     lines.append("")
     lines.append("| method | seeds | final return | SE_ave | SE_peak | RT_peak (opt) | RT_peak (train) | "
-                 f"final gain vs {base} ({int(100 * summary['conf'])}% CI) |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+                 f"RT_peak (opt. steps) | final gain vs {base} ({int(100 * summary['conf'])}% CI) |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for method, e in summary["methods"].items():
         fr = e["final_return"]
         final = f"{fr['mean']:.4g} ± {fr['se']:.2g}" if np.isfinite(fr["se"]) else f"{fr['mean']:.4g}"
         if method == base:
-            lines.append(f"| {method} | {fr['n']} | {final} | – | – | – | – | – |")
+            lines.append(f"| {method} | {fr['n']} | {final} | – | – | – | – | – | – |")
             continue
         g = e.get("final_gain")
         gain = (f"{g['mean']:+.4g} [{g['ci_low']:+.4g}, {g['ci_high']:+.4g}]" if g and np.isfinite(g["ci_low"])
                 else (f"{g['mean']:+.4g}" if g and np.isfinite(g["mean"]) else "n/a"))
         lines.append(f"| {method} | {fr['n']} | {final} | {_pct(e.get('se_ave'))} | {_pct(e.get('se_peak'))} | "
-                     f"{_pct(e.get('rt_peak_opt'))} | {_pct(e.get('rt_peak_train'))} | {gain} |")
+                     f"{_pct(e.get('rt_peak_opt'))} | {_pct(e.get('rt_peak_train'))} | "
+                     f"{_pct(e.get('rt_peak_updates'))} | {gain} |")
     notes = [f"{m}: {e['censored_levels']} level(s) never reached (counted at budget + 1 round); peak not reached "
              f"for seeds {e['peak_censored_seeds']}" for m, e in summary["methods"].items()
              if e.get("censored_levels")]

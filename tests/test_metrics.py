@@ -11,7 +11,8 @@ def curve(returns, opt=None, train=None, start_round=1):
     rounds = list(range(start_round, start_round + len(returns)))
     opt = opt or [1.0] * len(returns)
     rows = [{"round": r, "global_step": 100 * r, "eval_return": v, "attr_seconds": 0.0, "update_seconds": o,
-             "train_seconds": t} for r, v, o, t in zip(rounds, returns, opt, train or [2 * o for o in opt])]
+             "train_seconds": t, "optimizer_steps": int(10 * o)}
+            for r, v, o, t in zip(rounds, returns, opt, train or [2 * o for o in opt])]
     return metrics.curve_from_rows(rows)
 
 
@@ -38,6 +39,7 @@ def test_rt_peak_by_hand():
     d = metrics.sample_efficiency(std, iif)
     assert d["rt_peak_opt"] == pytest.approx(1 - 2.0 / 8.0)
     assert d["rt_peak_train"] == pytest.approx(1 - 5.0 / 12.0)
+    assert d["rt_peak_updates"] == pytest.approx(1 - 20 / 80)
     assert d["se_peak"] == pytest.approx(1 - 2 / 4)
 
 

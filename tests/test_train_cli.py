@@ -92,3 +92,14 @@ def test_compare_skips_finished_runs_and_rejects_bad_methods(tmp_path, capsys):
     assert experiments.main_compare(["--env-id", "CartPole-v1", "--methods", "ppo,best", "--out", str(out)]) == 2
     assert "--methods" in capsys.readouterr().err
     assert experiments.main_compare(argv + ["--seed", "3"]) == 2
+
+
+def test_demo_prints_where_the_plot_and_summary_are(tmp_path, capsys):
+    from fastattr import demo
+
+    rc = demo.main(["--seeds", "0", "--out", str(tmp_path), "--jobs", "2", "--total-timesteps", "2048",
+                    "--eval-episodes", "20"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert f"plot:    {tmp_path / 'FrozenLake-v1' / 'curves.png'}" in out and "SE_ave" in out
+    assert (tmp_path / "FrozenLake-v1" / "curves.png").exists()
