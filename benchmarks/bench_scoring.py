@@ -21,7 +21,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -125,14 +124,22 @@ def methods(actor, obs, act, adv, adv_n):
             "vmap": via_vmap, "materialise": materialise}
 
 
+def vm_hwm_kb() -> int:
+    """Peak resident set of this process (VmHWM). Unlike ru_maxrss it is per address space, so a child does not
+    inherit its parent's high-water mark across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def peak_memory_mb(method: str, hidden: int, n: int, threads: int) -> float:
     """Runs one method in a fresh process; returns its peak RSS above the set-up high-water mark (MiB)."""
     code = (
-        "import resource, torch, sys; sys.path.insert(0, %r); import bench_scoring as b;"
+        "import torch, sys; sys.path.insert(0, %r); import bench_scoring as b;"
         "torch.set_num_threads(%d); c = b.make_case(%d, %d); fns = b.methods(*c);"
-        "fns['plain'](); base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
-        "fns[%r](); print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)"
-    ) % (str(Path(__file__).parent), threads, hidden, n, method)
+        "base = b.vm_hwm_kb(); fns[%r](); print((b.vm_hwm_kb() - base) / 1024)"
+    ) % (str(Path(__file__).parent.resolve()), threads, hidden, n, method)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
