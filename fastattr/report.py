@@ -524,7 +524,7 @@ def _render_intervention(res: dict, f: Path) -> str:
     out.append(_table(res.get("summary") or [],
                       [("round", "round"), ("arm", "arm"), ("n_dropped", "records dropped"),
                        ("delta.mean", "Δreturn (mean)"), ("delta.lo", "95% CI low"), ("delta.hi", "95% CI high"),
-                       ("delta.n", "seeds")]))
+                       ("delta.n", "seeds"), ("target_delta.mean", "ΔJ, return target (mean)")]))
     return "".join(out)
 
 
