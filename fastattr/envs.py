@@ -39,7 +39,8 @@ class Preset:
     note: str = ""
 
 
-_HIGHWAY_CONFIG = {"observation": {"type": "Kinematics"}, "action": {"type": "DiscreteMetaAction"}, "vehicles_count": 10}
+_HIGHWAY_CONFIG = {"observation": {"type": "Kinematics"}, "action": {"type": "DiscreteMetaAction"},
+                   "vehicles_count": 10}  # the official code's make_env
 
 PAPER_PRESETS: dict[str, Preset] = {
     "FrozenLake-v1": Preset(102_400, 0.5, eval_episodes=1000, env_kwargs={"map_name": "4x4", "is_slippery": False}),

@@ -6,6 +6,9 @@ For a standard-PPO curve (baseline) and a method's curve from the same seed, bot
                with m_std(v) defined; the peak v* is the last one
     reduction  1 - m_method(v) / m_std(v)   (a fraction; x100 for the paper's %)
     SE_ave     mean reduction over the levels
+    SE_ave (grid)  the same over 20 evenly spaced returns between standard's first evaluation (exclusive) and its
+               peak (inclusive): the paper does not say which levels it averages over; record highs crowd the
+               plateau, where both methods sit, so the two readings can differ by a factor of ~2 (FrozenLake)
     SE_peak    reduction at v*
     RT_peak    1 - T_method(m_method(v*)) / T_std(m_std(v*)), T(r) the cumulative time through round r:
                `opt` = optimisation + influence time only (the paper's Table 5, PAPER.md §8), or
@@ -81,6 +84,9 @@ def load_curve(run_dir) -> Curve:
     return curve_from_rows(rows)
 
 
+GRID_LEVELS = 20
+
+
 def first_reach(rounds, returns, v: float) -> int | None:
     """The first round whose return is >= v, or None."""
     hit = np.nonzero(np.asarray(returns) >= v)[0]
@@ -113,6 +119,11 @@ def sample_efficiency(std: Curve, other: Curve) -> dict:
         reds.append(1.0 - m / m_std)
     v_peak, m_std_peak = levels[-1]
     m_peak = first_reach(o.rounds, o.returns, v_peak)
+    grid_reds = []
+    for v in np.linspace(float(s.returns[0]), v_peak, GRID_LEVELS + 1)[1:]:
+        m_std = first_reach(s.rounds, s.returns, v)
+        m = first_reach(o.rounds, o.returns, v)
+        grid_reds.append(1.0 - (censor_round if m is None else m) / m_std)
 
     def time_at(c: Curve, m: int | None, key: str) -> float:
         t = getattr(c, key)
@@ -129,8 +140,9 @@ def sample_efficiency(std: Curve, other: Curve) -> dict:
         t_std = time_at(s, m_std_peak, key)
         rt[key] = 1.0 - time_at(o, m_peak, key) / t_std if t_std > 0 else float("nan")
     return {
-        "se_ave": float(np.mean(reds)), "se_peak": float(reds[-1]), "rt_peak_opt": rt["opt"],
-        "rt_peak_train": rt["train"], "rt_peak_updates": rt["updates"], "n_levels": len(levels), "censored_levels": censored,
+        "se_ave": float(np.mean(reds)), "se_ave_grid": float(np.mean(grid_reds)), "se_peak": float(reds[-1]), "rt_peak_opt": rt["opt"],
+        "rt_peak_train": rt["train"], "rt_peak_updates": rt["updates"], "n_levels": len(levels),
+        "censored_levels": censored,
         "peak_censored": m_peak is None, "std_peak": v_peak, "m_std_peak": m_std_peak, "m_peak": m_peak,
     }
 
@@ -194,7 +206,7 @@ def summarize(curves: dict[str, dict[int, Curve]], baseline: str = "ppo", conf: 
             for s in sorted(set(runs) & set(curves[baseline])):
                 if len(curves[baseline][s].trained().returns) and len(runs[s].trained().returns):
                     per_seed[s] = sample_efficiency(curves[baseline][s], runs[s])
-            for key in ("se_ave", "se_peak", "rt_peak_opt", "rt_peak_train", "rt_peak_updates"):
+            for key in ("se_ave", "se_ave_grid", "se_peak", "rt_peak_opt", "rt_peak_train", "rt_peak_updates"):
                 m, e, k = mean_se([d[key] for d in per_seed.values()])
                 entry[key] = {"mean": m, "se": e, "n": k}
             entry["censored_levels"] = sum(d["censored_levels"] for d in per_seed.values())
@@ -218,21 +230,23 @@ def to_markdown(summary: dict, title: str = "") -> str:
     lines.append(f"Against `{base}`, paired by seed; mean ± s.e. over seeds (PAPER.md §5 definitions, see "
                  "fastattr/metrics.py). RT_peak (opt) counts optimisation + influence time only, as the paper's "
                  "Table 5; RT_peak (train) counts the full training wall-clock (rollouts too, evaluation excluded); "
-                 "RT_peak (opt. steps) counts optimiser steps, which no other process's load can move.")
+                 "RT_peak (opt. steps) counts optimiser steps, which no other process's load can move. SE_ave averages "
+                 "over standard PPO's record highs, SE_ave (grid) over 20 evenly spaced returns up to its peak.")
     lines.append("")
-    lines.append("| method | seeds | final return | SE_ave | SE_peak | RT_peak (opt) | RT_peak (train) | "
+    lines.append("| method | seeds | final return | SE_ave | SE_ave (grid) | SE_peak | RT_peak (opt) | RT_peak (train) | "
                  f"RT_peak (opt. steps) | final gain vs {base} ({int(100 * summary['conf'])}% CI) |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for method, e in summary["methods"].items():
         fr = e["final_return"]
         final = f"{fr['mean']:.4g} ± {fr['se']:.2g}" if np.isfinite(fr["se"]) else f"{fr['mean']:.4g}"
         if method == base:
-            lines.append(f"| {method} | {fr['n']} | {final} | – | – | – | – | – | – |")
+            lines.append(f"| {method} | {fr['n']} | {final} | – | – | – | – | – | – | – |")
             continue
         g = e.get("final_gain")
         gain = (f"{g['mean']:+.4g} [{g['ci_low']:+.4g}, {g['ci_high']:+.4g}]" if g and np.isfinite(g["ci_low"])
                 else (f"{g['mean']:+.4g}" if g and np.isfinite(g["mean"]) else "n/a"))
-        lines.append(f"| {method} | {fr['n']} | {final} | {_pct(e.get('se_ave'))} | {_pct(e.get('se_peak'))} | "
+        lines.append(f"| {method} | {fr['n']} | {final} | {_pct(e.get('se_ave'))} | {_pct(e.get('se_ave_grid'))} | "
+                     f"{_pct(e.get('se_peak'))} | "
                      f"{_pct(e.get('rt_peak_opt'))} | {_pct(e.get('rt_peak_train'))} | "
                      f"{_pct(e.get('rt_peak_updates'))} | {gain} |")
     notes = [f"{m}: {e['censored_levels']} level(s) never reached (counted at budget + 1 round); peak not reached "

@@ -30,6 +30,11 @@ def test_se_by_hand():
     assert d["se_ave"] == pytest.approx((0 + 0.5 + 1 / 3 + 0.5 + 0.4) / 5)
     assert d["se_peak"] == pytest.approx(0.4)
     assert d["censored_levels"] == 0 and d["m_peak"] == 3 and d["m_std_peak"] == 5
+    # grid levels 0.2, 0.4, ..., 4.0: std reaches v at ceil(v) + 1, iif at 1 (v <= 1), 2 (v <= 3), 3 (v <= 4)
+    grid = np.linspace(0, 4, 21)[1:]
+    m_std = np.ceil(grid - 1e-9) + 1
+    m_iif = np.where(grid <= 1, 1, np.where(grid <= 3, 2, 3))
+    assert d["se_ave_grid"] == pytest.approx(np.mean(1 - m_iif / m_std))
 
 
 def test_rt_peak_by_hand():

@@ -134,7 +134,8 @@ def test_normalize_advantages_modes():
         a = adv[chunk]
         torch.testing.assert_close(out[chunk], (a - a.mean()) / (a.std() + 1e-8))
     assert out[3] == adv[3]  # a chunk of one record stays raw (SB3 skips normalising it)
-    torch.testing.assert_close(ppo.normalize_advantages(adv, order, 2, "buffer"), (adv - adv.mean()) / (adv.std() + 1e-8))
+    torch.testing.assert_close(ppo.normalize_advantages(adv, order, 2, "buffer"),
+                               (adv - adv.mean()) / (adv.std() + 1e-8))
     torch.testing.assert_close(ppo.normalize_advantages(adv, order, 2, "none"), adv)
 
 
