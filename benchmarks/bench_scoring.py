@@ -5,7 +5,8 @@ work any gradient-based scorer must at least do. Rows, all on the same actor and
   fastattr            fastattr.score(model, record_loss, target_loss) with the C++ kernels
   fastattr-joint      the same with records and target from one forward (what the PPO loop uses)
   fastattr-reference  fastattr.score with the pure-torch reference ops instead of the kernels
-  vmap                torch.func.vmap(grad) per-sample gradients, then dot products (dattri / TRAK style)
+  vmap                torch.func.vmap(grad) per-sample gradients flattened to [N, P], then a GEMV (TRAK / dattri)
+  vmap-per-param      the same gradients dotted parameter by parameter (no [N, P] concatenation)
   materialise         the paper's official method, re-implemented from its description (PAPER.md section 6): hooks
                       keep each Linear's input and output gradient, then per-sample weight gradients [N, d_out, d_in]
                       per layer are dotted with the summed target gradient
@@ -21,6 +22,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +36,7 @@ from torch.utils.benchmark import Timer
 import fastattr
 from fastattr import ops
 
-METHODS = ["plain", "fastattr", "fastattr-joint", "fastattr-reference", "materialise", "vmap"]
+METHODS = ["plain", "fastattr", "fastattr-joint", "fastattr-reference", "materialise", "vmap", "vmap-per-param"]
 
 
 def make_case(hidden: int, n: int, seed: int = 0):
@@ -83,12 +85,17 @@ def methods(actor, obs, act, adv, adv_n):
         finally:
             ops._use_kernel = saved
 
-    def via_vmap():
+    def one(p, o, a, w):
+        return -w * torch.log_softmax(functional_call(actor, p, (o[None],)), -1).gather(1, a.reshape(1, 1))[0, 0]
+
+    def via_vmap():  # what TRAK / dattri do: per-sample gradients flattened into one [N, P] matrix, then a GEMV
         p = {k: v.detach() for k, v in actor.named_parameters()}
+        per = vmap(grad(one), in_dims=(None, 0, 0, 0))(p, obs, act, adv_n)
+        gt = torch.autograd.grad(target_loss(actor), params)
+        return torch.cat([per[k].flatten(1) for k in p], 1) @ torch.cat([t.flatten() for t in gt])
 
-        def one(p, o, a, w):
-            return -w * torch.log_softmax(functional_call(actor, p, (o[None],)), -1).gather(1, a.reshape(1, 1))[0, 0]
-
+    def via_vmap_per_param():  # the cheaper variant: one dot per parameter, no [N, P] concatenation
+        p = {k: v.detach() for k, v in actor.named_parameters()}
         per = vmap(grad(one), in_dims=(None, 0, 0, 0))(p, obs, act, adv_n)
         gt = torch.autograd.grad(target_loss(actor), params)
         return sum(per[k].flatten(1) @ t.flatten() for k, t in zip(p, gt))
@@ -121,7 +128,7 @@ def methods(actor, obs, act, adv, adv_n):
         return score
 
     return {"plain": plain, "fastattr": fast, "fastattr-joint": fast_joint, "fastattr-reference": fast_reference,
-            "vmap": via_vmap, "materialise": materialise}
+            "vmap": via_vmap, "vmap-per-param": via_vmap_per_param, "materialise": materialise}
 
 
 def vm_hwm_kb() -> int:
@@ -144,25 +151,31 @@ def peak_memory_mb(method: str, hidden: int, n: int, threads: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def bench(hidden: int, n: int, threads: int, min_run_time: float, skip: set[str]) -> list[dict]:
+def bench(hidden: int, n: int, threads: int, min_run_time: float, rounds: int) -> list[dict]:
     torch.set_num_threads(threads)
     case = make_case(hidden, n)
     fns = methods(*case)
     # correctness before timing: every method gives the same scores
     ref = fns["fastattr-reference"]().double()
-    for name in ("fastattr", "fastattr-joint", "materialise") + (() if "vmap" in skip else ("vmap",)):
+    for name in ("fastattr", "fastattr-joint", "materialise", "vmap", "vmap-per-param"):
         err = ((fns[name]().double() - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-4, f"{name} disagrees with the reference: rel err {err:.2e}"
+    # Interleaved timing: each round times every method back to back, and a method's ratio is the median over rounds
+    # of (its time / plain's time in the same round), so load drifting on a shared machine cancels out.
+    reps = {}
+    for name in METHODS:
+        once = Timer("f()", globals={"f": fns[name]}, num_threads=threads).timeit(1).median
+        reps[name] = max(1, int(min_run_time / max(once, 1e-6)))
+    times = {name: [] for name in METHODS}
+    for _ in range(rounds):
+        for name in METHODS:
+            times[name].append(Timer("f()", globals={"f": fns[name]}, num_threads=threads).timeit(reps[name]).median)
     rows = []
     for name in METHODS:
-        if name in skip:
-            continue
-        t = Timer("f()", globals={"f": fns[name]}, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
-        rows.append({"method": name, "median_ms": t.median * 1e3})
-    base = rows[0]["median_ms"]
-    for r in rows:
-        r["time_ratio"] = r["median_ms"] / base
-        r["peak_mb"] = peak_memory_mb(r["method"], hidden, n, threads)
+        ratios = sorted(a / b for a, b in zip(times[name], times["plain"]))
+        rows.append({"method": name, "median_ms": statistics.median(times[name]) * 1e3,
+                     "time_ratio": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
+                     "peak_mb": peak_memory_mb(name, hidden, n, threads)})
     base_mb = max(rows[0]["peak_mb"], 0.01)
     for r in rows:
         r["mem_ratio"] = r["peak_mb"] / base_mb
@@ -174,7 +187,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes only (smoke test)")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--min-run-time", type=float, default=1.0)
+    p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per method per round")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_scoring.jsonl"))
     args = p.parse_args()
     os.environ["FASTATTR_STRICT"] = "1"  # never time the fallback as if it were the kernel
@@ -184,14 +198,15 @@ def main():
             f"{os.cpu_count()} cores", "commit": commit, "date": datetime.date.today().isoformat()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     print(f"# bench_scoring  torch {meta['torch']}  commit {commit}  threads {args.threads}")
-    print(f"{'shape':<18}{'method':<20}{'median ms':>11}{'x plain':>9}{'peak MiB':>10}{'x plain':>9}")
+    print(f"{'shape':<18}{'method':<20}{'median ms':>11}{'x plain':>9}{'min-max':>13}{'peak MiB':>10}{'x plain':>9}")
     with open(args.out, "a") as f:
         for hidden, n in shapes:
-            for r in bench(hidden, n, args.threads, args.min_run_time, set()):
+            for r in bench(hidden, n, args.threads, args.min_run_time, args.rounds):
                 r.update(meta)
                 f.write(json.dumps(r) + "\n")
                 print(f"{f'{hidden}-{hidden} N={n}':<18}{r['method']:<20}{r['median_ms']:>11.2f}"
-                      f"{r['time_ratio']:>9.2f}{r['peak_mb']:>10.1f}{r['mem_ratio']:>9.2f}")
+                      f"{r['time_ratio']:>9.2f}{r['ratio_min']:>7.2f}-{r['ratio_max']:<5.2f}"
+                      f"{r['peak_mb']:>10.1f}{r['mem_ratio']:>9.2f}")
 
 
 if __name__ == "__main__":
