@@ -11,6 +11,7 @@ an error instead (benchmarks set it, so they never time the fallback by accident
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -39,10 +40,13 @@ def cuda_version() -> int:
 
 def has_kernel(op: str, device: torch.device | str) -> bool:
     """True when a compiled kernel of `op` exists for the device type (cpu, cuda)."""
-    if not HAS_C:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(torch.device(device).type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattr::{op}", key)
+    return _has_kernel(op, torch.device(device).type)
+
+
+@functools.lru_cache(maxsize=None)
+def _has_kernel(op: str, device_type: str) -> bool:  # registrations are fixed once _C is loaded
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return HAS_C and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattr::{op}", key)
 
 
 def _use_kernel(op: str, device: torch.device) -> bool:

@@ -110,6 +110,7 @@ def _plan(model: nn.Module, params) -> _Plan:
             f"model: parameters and buffers live on several devices {sorted(map(str, devices))}; move the model to "
             "one device (model.to(device)) before scoring"
         )
+    layers, claimed = [], set()
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             raise ScoringError(
@@ -117,17 +118,6 @@ def _plan(model: nn.Module, params) -> _Plan:
                 "statistics, so per-record gradients are not defined; call model.eval() (or the module's .eval()) "
                 "before scoring"
             )
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Embedding) and any(id(p) in chosen_ids for p in m.parameters(recurse=False)):
-            if m.scale_grad_by_freq or m.max_norm is not None:
-                raise ScoringError(
-                    f"model: Embedding '{name}' uses {'scale_grad_by_freq' if m.scale_grad_by_freq else 'max_norm'}, "
-                    "which makes a record's gradient depend on the other records in the batch (or renormalises the "
-                    "table during the forward), so per-record scores are not defined; disable it or exclude the "
-                    "module with `params`"
-                )
-    layers, claimed = [], set()
-    for name, m in model.named_modules():
         kind = _ghost_kind(m)
         if kind is None:
             continue
@@ -135,10 +125,18 @@ def _plan(model: nn.Module, params) -> _Plan:
         b = getattr(m, "bias", None)
         use_w = w is not None and id(w) in chosen_ids and id(w) not in claimed
         use_b = isinstance(b, nn.Parameter) and id(b) in chosen_ids and id(b) not in claimed
-        if use_w or use_b:
-            layers.append(_Layer(name, m, use_w, use_b))
-            claimed |= {id(w)} if use_w else set()
-            claimed |= {id(b)} if use_b else set()
+        if not (use_w or use_b):
+            continue
+        if kind == "embedding" and (m.scale_grad_by_freq or m.max_norm is not None):
+            raise ScoringError(
+                f"model: Embedding '{name}' uses {'scale_grad_by_freq' if m.scale_grad_by_freq else 'max_norm'}, "
+                "which makes a record's gradient depend on the other records in the batch (or renormalises the "
+                "table during the forward), so per-record scores are not defined; disable it or exclude the "
+                "module with `params`"
+            )
+        layers.append(_Layer(name, m, use_w, use_b))
+        claimed |= {id(w)} if use_w else set()
+        claimed |= {id(b)} if use_b else set()
     generic = {n: p for n, p in chosen.items() if id(p) not in claimed}
     return _Plan(chosen, layers, generic)
 
