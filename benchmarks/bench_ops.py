@@ -139,20 +139,27 @@ class Bench:
         with open(self.out_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         parts = [f"{row['case']:<10} {row['dtype']:<5} {row['impl']:<14} {row['median_us']:>11.1f} us"]
-        for key in ("x_roofline", "x_copy", "speedup_vs_reference", "peak_extra_mb"):
+        for key in ("x_roofline", "x_copy", "speedup_vs_reference", "x_fwd_bwd", "peak_extra_mb"):
             if row.get(key) is not None:
                 parts.append(f"{key}={row[key]:.2f}")
         print("  ".join(parts), flush=True)
 
 
+class CorrectnessError(AssertionError):
+    pass
+
+
 def check_rows(name: str, kernel_out: torch.Tensor, ref_fn, rows: slice, dtype) -> None:
-    """kernel_out[rows] against the float64 reference of those rows, with torch's own error as the yardstick."""
+    """kernel_out[rows] against the float64 reference of those rows, with torch's own error as the yardstick
+    (2x, as in the tests; 3x under TF32, where both round their inputs and only the rounding mode may differ)."""
     exact = ref_fn(rows, torch.float64).double()
     torch_err = (ref_fn(rows, None).double() - exact).abs().max().item()
     ours = (kernel_out[rows].double() - exact).abs().max().item()
     scale = exact.abs().max().item()
-    if not within_tolerance(ours, torch_err, scale, dtype):
-        raise AssertionError(f"{name}: kernel error {ours:.3e} > 2 x torch's {torch_err:.3e} (scale {scale:.3e})")
+    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and kernel_out.is_cuda
+    ok = ours <= 3 * torch_err + 1e-6 * max(scale, 1.0) if tf32 else within_tolerance(ours, torch_err, scale, dtype)
+    if not ok:
+        raise CorrectnessError(f"{name}: kernel error {ours:.3e} vs torch's {torch_err:.3e} (scale {scale:.3e})")
 
 
 def cast(ts, dtype):
@@ -354,17 +361,27 @@ def main(argv=None):
     print(f"bench_ops on {b.device_name} ({device}), torch {torch.__version__}, peaks {b.peaks}, "
           f"results -> {b.out_path}", flush=True)
 
+    failures = []
     for case in args.case or CASES:
         for tag in tags if case != "latency" else ["fp32"]:
-            if case == "aggregated":
-                case_aggregated(b, n, widths, tag)
-            elif case == "pairwise":
-                case_pairwise(b, n if big else 1024, m, widths, tag, k_top)
-            elif case == "norm" and tag != "tf32":
-                case_norm(b, n, widths, tag)
-            elif case == "latency":
-                case_latency(b, 2_048, 64)
-    Compare(b.results).print()
+            try:  # a cell that fails its correctness check is reported and not timed; the others still run
+                if case == "aggregated":
+                    case_aggregated(b, n, widths, tag)
+                elif case == "pairwise":
+                    case_pairwise(b, n if big else 1024, m, widths, tag, k_top)
+                elif case == "norm" and tag != "tf32":
+                    case_norm(b, n, widths, tag)
+                elif case == "latency":
+                    case_latency(b, 2_048, 64)
+            except (CorrectnessError, AssertionError) as e:
+                failures.append(f"{case} {tag}: {e}")
+                print(f"CORRECTNESS FAILURE {case} {tag}: {e}", flush=True)
+                with open(b.out_path, "a") as f:
+                    f.write(json.dumps({**b.meta, "case": case, "dtype": tag, "impl": "kernel", "error": str(e)}) + "\n")
+    if b.results:
+        Compare(b.results).print()
+    if failures:
+        sys.exit(f"bench_ops: {len(failures)} cell(s) failed their correctness check:\n" + "\n".join(failures))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,28 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 // Dynamic shared memory, declared through a macro so the host emulator can supply its own buffer.
-#define FA_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define FA_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+
+// cp.async (sm_80+): a 16-byte global -> shared copy that bypasses registers; bytes past src_bytes are zero-filled.
+// Copies land after a commit + wait; the host emulator defines the same three functions with deferred copies.
+__device__ __forceinline__ void fa_cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes));
+#endif
+}
+__device__ __forceinline__ void fa_cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void fa_cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
 #endif
 
 // Tensor-core (wmma) kernels need sm_80+ for bf16/TF32; on older targets their bodies compile to nothing and the

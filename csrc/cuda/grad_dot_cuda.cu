@@ -26,7 +26,10 @@ void launch_tiled(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w,
                                cuda::typed_ptr<in_t>(b),  rows_out.data_ptr<acc_t>(), n,
                                t,                         x.size(2),                  g.size(2)};
   const auto blocks = static_cast<unsigned int>(cuda::ceil_div(n * t, Tile::BM));
-  cuda::grad_dot_tiled_kernel<Tile, acc_t><<<blocks, Tile::kThreads, 0, stream>>>(p);
+  constexpr size_t smem = sizeof(typename Tile::Smem);
+  auto* kernel = &cuda::grad_dot_tiled_kernel<Tile, acc_t>;
+  cuda::ensure_dynamic_smem(kernel, smem, x.get_device());
+  kernel<<<blocks, Tile::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -75,27 +78,27 @@ at::Tensor grad_dot_cuda(const at::Tensor& x, const at::Tensor& g, const at::Ten
   const bool tc = cuda::use_tensor_cores(xs.scalar_type(), info);
   switch (xs.scalar_type()) {
     case at::kDouble:
-      launch_tiled<cuda::SimtTile<double, double, 64, 64, 8>, double>(xs, gs, ws, bs, rows_out, n, t, stream);
+      launch_tiled<cuda::SimtF64, double>(xs, gs, ws, bs, rows_out, n, t, stream);
       break;
     case at::kFloat:
       if (tc) {
-        launch_tiled<cuda::WmmaTile<cuda::Tf32Tag>, float>(xs, gs, ws, bs, rows_out, n, t, stream);
+        launch_tiled<cuda::WmmaTF32, float>(xs, gs, ws, bs, rows_out, n, t, stream);
       } else {
-        launch_tiled<cuda::SimtTile<float, float, 128, 64, 16>, float>(xs, gs, ws, bs, rows_out, n, t, stream);
+        launch_tiled<cuda::SimtF32<float>, float>(xs, gs, ws, bs, rows_out, n, t, stream);
       }
       break;
     case at::kHalf:
       if (tc) {
-        launch_tiled<cuda::WmmaTile<__half>, float>(xs, gs, ws, bs, rows_out, n, t, stream);
+        launch_tiled<cuda::WmmaF16, float>(xs, gs, ws, bs, rows_out, n, t, stream);
       } else {
-        launch_tiled<cuda::SimtTile<at::Half, float, 128, 64, 16>, float>(xs, gs, ws, bs, rows_out, n, t, stream);
+        launch_tiled<cuda::SimtF32<at::Half>, float>(xs, gs, ws, bs, rows_out, n, t, stream);
       }
       break;
     case at::kBFloat16:
       if (tc) {
-        launch_tiled<cuda::WmmaTile<__nv_bfloat16>, float>(xs, gs, ws, bs, rows_out, n, t, stream);
+        launch_tiled<cuda::WmmaBF16, float>(xs, gs, ws, bs, rows_out, n, t, stream);
       } else {
-        launch_tiled<cuda::SimtTile<at::BFloat16, float, 128, 64, 16>, float>(xs, gs, ws, bs, rows_out, n, t,
+        launch_tiled<cuda::SimtF32<at::BFloat16>, float>(xs, gs, ws, bs, rows_out, n, t,
                                                                               stream);
       }
       break;

@@ -92,7 +92,8 @@ template <class Tile, typename acc_t>
 __global__ void __launch_bounds__(Tile::kThreads)
     grad_dot_tiled_kernel(GradDotParams<typename Tile::in_t, acc_t> p) {
   using in_t = typename Tile::in_t;
-  __shared__ __align__(32) typename Tile::Smem sm;
+  FA_DYNAMIC_SMEM(smem_raw);  // sizeof(Tile::Smem) bytes
+  auto& sm = *reinterpret_cast<typename Tile::Smem*>(smem_raw);
   constexpr int kWarps = Tile::kThreads / kWarp, kRowsPerWarp = Tile::BM / kWarps;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t rows = p.n * p.t, r0 = int64_t(blockIdx.x) * Tile::BM;

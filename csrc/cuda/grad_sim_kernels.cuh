@@ -4,7 +4,7 @@
 //   Grid (row blocks, splits): block (bx, by) owns records [bx*BM, bx*BM + BM) and the target tiles
 //   [by*tiles_per_split, ...) of width BN, walked in order. Per target tile, for every layer and position pair, two
 //   Gram tiles Kx = Xa Xb^T and Kg = Ga Gb^T come out of Tile::mma and their Hadamard product is added to the
-//   similarity tile in registers. The finished tile goes through the shared-memory stash to the epilogue: written
+//   similarity tile, which lives in the shared-memory stash. The finished tile goes to the epilogue: written
 //   out for reduce="none", else folded into lane-local running states (lanes own fixed columns), so the N x M
 //   matrix never reaches global memory. After the last tile each row's lane states are merged by a fixed butterfly;
 //   with several splits, combine_splits_kernel then merges the per-split partials in split order.
@@ -41,7 +41,8 @@ struct SimParams {
 template <class Tile, typename acc_t>
 __global__ void __launch_bounds__(Tile::kThreads) grad_sim_kernel(SimParams<typename Tile::in_t, acc_t> p) {
   using in_t = typename Tile::in_t;
-  __shared__ __align__(32) typename Tile::Smem sm;
+  FA_DYNAMIC_SMEM(smem_raw);  // sizeof(Tile::Smem) bytes
+  auto& sm = *reinterpret_cast<typename Tile::Smem*>(smem_raw);
   constexpr int kWarps = Tile::kThreads / kWarp, kRowsPerWarp = Tile::BM / kWarps;
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t n0 = int64_t(blockIdx.x) * Tile::BM;
@@ -55,8 +56,8 @@ __global__ void __launch_bounds__(Tile::kThreads) grad_sim_kernel(SimParams<type
 
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
     const int64_t m0 = tile * Tile::BN;
-    typename Tile::Acc sim, kx, kg;
-    Tile::zero(sim);
+    typename Tile::Acc kx, kg;
+    Tile::stash_zero(sm);  // the similarity tile accumulates in the stash (the previous tile's readers are done)
     for (int l = 0; l < p.num_layers; ++l) {
       const in_t *xa = p.layer[l].xa, *ga = p.layer[l].ga, *xb = p.layer[l].xb, *gb = p.layer[l].gb;
       const int64_t T = p.layer[l].t, S = p.layer[l].s, d_in = p.layer[l].d_in, d_out = p.layer[l].d_out;
@@ -69,12 +70,11 @@ __global__ void __launch_bounds__(Tile::kThreads) grad_sim_kernel(SimParams<type
           Tile::zero(kg);
           Tile::mma(kg, Operand<in_t>{ga + (n0 * T + t) * d_out, T * d_out, p.n - n0},
                     Operand<in_t>{gb + (m0 * S + s) * d_out, S * d_out, p.m - m0}, d_out, sm);
-          Tile::hadamard_add(sim, kx, kg);
+          Tile::stash_add_product(sm, kx, kg);
         }
       }
     }
-    Tile::store(sim, sm);
-    __syncthreads();
+    __syncthreads();  // the finished tile is visible to every warp
     const int cols = static_cast<int>(p.m - m0 < Tile::BN ? p.m - m0 : Tile::BN);
 #pragma unroll
     for (int j = 0; j < kRowsPerWarp; ++j) {

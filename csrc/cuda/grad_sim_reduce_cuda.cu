@@ -65,7 +65,10 @@ void launch_sim(const LayerLists& L, size_t l0, size_t l1, Reduce reduce, double
     p.final_write = false;
   }
   const dim3 grid(static_cast<unsigned int>(plan.row_blocks), static_cast<unsigned int>(plan.splits));
-  cuda::grad_sim_kernel<Tile, acc_t><<<grid, Tile::kThreads, 0, stream>>>(p);
+  constexpr size_t smem = sizeof(typename Tile::Smem);
+  auto* kernel = &cuda::grad_sim_kernel<Tile, acc_t>;
+  cuda::ensure_dynamic_smem(kernel, smem, L.xa[0].get_device());
+  kernel<<<grid, Tile::kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (partial.defined()) {
     cuda::combine_splits_kernel<acc_t><<<cuda::grid_for(L.n, 256, info, 4), 256, 0, stream>>>(
@@ -80,28 +83,28 @@ void launch_sim_dtype(const LayerLists& L, size_t l0, size_t l1, Reduce reduce, 
   const bool tc = cuda::use_tensor_cores(dtype, info);
   switch (dtype) {
     case at::kDouble:
-      launch_sim<cuda::SimtTile<double, double, 64, 64, 8>, double>(L, l0, l1, reduce, threshold, out, info, stream);
+      launch_sim<cuda::SimtF64, double>(L, l0, l1, reduce, threshold, out, info, stream);
       break;
     case at::kFloat:
       if (tc) {
-        launch_sim<cuda::WmmaTile<cuda::Tf32Tag>, float>(L, l0, l1, reduce, threshold, out, info, stream);
+        launch_sim<cuda::WmmaTF32, float>(L, l0, l1, reduce, threshold, out, info, stream);
       } else {
-        launch_sim<cuda::SimtTile<float, float, 128, 64, 16>, float>(L, l0, l1, reduce, threshold, out, info, stream);
+        launch_sim<cuda::SimtF32<float>, float>(L, l0, l1, reduce, threshold, out, info, stream);
       }
       break;
     case at::kHalf:
       if (tc) {
-        launch_sim<cuda::WmmaTile<__half>, float>(L, l0, l1, reduce, threshold, out, info, stream);
+        launch_sim<cuda::WmmaF16, float>(L, l0, l1, reduce, threshold, out, info, stream);
       } else {
-        launch_sim<cuda::SimtTile<at::Half, float, 128, 64, 16>, float>(L, l0, l1, reduce, threshold, out, info,
+        launch_sim<cuda::SimtF32<at::Half>, float>(L, l0, l1, reduce, threshold, out, info,
                                                                        stream);
       }
       break;
     case at::kBFloat16:
       if (tc) {
-        launch_sim<cuda::WmmaTile<__nv_bfloat16>, float>(L, l0, l1, reduce, threshold, out, info, stream);
+        launch_sim<cuda::WmmaBF16, float>(L, l0, l1, reduce, threshold, out, info, stream);
       } else {
-        launch_sim<cuda::SimtTile<at::BFloat16, float, 128, 64, 16>, float>(L, l0, l1, reduce, threshold, out, info,
+        launch_sim<cuda::SimtF32<at::BFloat16>, float>(L, l0, l1, reduce, threshold, out, info,
                                                                            stream);
       }
       break;

@@ -8,7 +8,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <set>
 #include <unordered_map>
+#include <utility>
 
 #include "common.cuh"
 
@@ -53,6 +55,19 @@ inline unsigned int grid_for(int64_t work, int items_per_block, const DeviceInfo
   const int64_t cap = static_cast<int64_t>(info.sms) * per_sm;
   if (blocks > cap) blocks = cap;
   return static_cast<unsigned int>(blocks < 1 ? 1 : blocks);
+}
+
+// Lets `kernel` take more than the default 48 KB of dynamic shared memory (set once per kernel and device).
+template <typename Kernel>
+void ensure_dynamic_smem(Kernel* kernel, size_t bytes, int device) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mutex;
+  static std::set<std::pair<const void*, int>> done;
+  std::lock_guard<std::mutex> lock(mutex);
+  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
+  if (done.count(key)) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  done.insert(key);
 }
 
 template <typename T>

@@ -82,7 +82,7 @@ void launch(Dim3 grid, unsigned threads, size_t dynamic_smem_bytes, F&& kernel) 
           kernel();
         });
       }
-      for (auto& th : pool) th.join();
+      for (auto& th : pool) th.join();  // (a thread left with uncommitted or unwaited cp.async copies loses them)
       g_state = nullptr;
     }
   }
@@ -99,6 +99,37 @@ void launch(Dim3 grid, unsigned threads, size_t dynamic_smem_bytes, F&& kernel) 
 inline void __syncthreads() { emu::g_state->block_barrier->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::g_state->warp_barriers[emu::tl_thread.x / 32]->arrive_and_wait(); }
 [[noreturn]] inline void __trap() { std::abort(); }
+
+// cp.async: copies are queued per thread and performed only when a wait retires their group (as late as the
+// hardware may), so a read of a stage before its wait sees stale data and fails the test.
+namespace emu {
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  int bytes;
+};
+inline thread_local std::vector<PendingCopy> tl_open_group;
+inline thread_local std::vector<std::vector<PendingCopy>> tl_groups;
+}  // namespace emu
+
+inline void fa_cp_async16(void* smem_dst, const void* gmem_src, int src_bytes) {
+  if (src_bytes < 0 || src_bytes > 16) std::abort();
+  emu::tl_open_group.push_back({smem_dst, gmem_src, src_bytes});
+}
+inline void fa_cp_async_commit() {
+  emu::tl_groups.push_back(std::move(emu::tl_open_group));
+  emu::tl_open_group.clear();
+}
+template <int N>
+void fa_cp_async_wait() {
+  while (emu::tl_groups.size() > static_cast<size_t>(N)) {
+    for (const auto& c : emu::tl_groups.front()) {
+      std::memcpy(c.dst, c.src, c.bytes);
+      std::memset(static_cast<char*>(c.dst) + c.bytes, 0, 16 - c.bytes);
+    }
+    emu::tl_groups.erase(emu::tl_groups.begin());
+  }
+}
 
 template <class T>
 T __shfl_xor_sync(unsigned, T v, int lane_mask) {
@@ -163,6 +194,12 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const P* ptr, unsign
   for (int r = 0; r < F::rows; ++r)
     for (int c = 0; c < F::cols; ++c)
       f.x[r * F::cols + c] = std::is_same_v<Layout, col_major> ? ptr[c * ldm + r] : ptr[r * ldm + c];
+}
+
+template <int M, int N, int K>
+void load_matrix_sync(fragment<accumulator, M, N, K, float>& f, const float* ptr, unsigned ldm, layout_t layout) {
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c) f.x[r * N + c] = layout == mem_row_major ? ptr[r * ldm + c] : ptr[c * ldm + r];
 }
 
 template <int M, int N, int K, class T>

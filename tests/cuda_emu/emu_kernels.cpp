@@ -110,7 +110,7 @@ void run_grad_dot(const std::string& label, int64_t n, int64_t t, int64_t d_in, 
   } else if constexpr (std::is_same_v<typename Tile::in_t, in_t>) {
     std::vector<acc_t> rows(n * t, acc_t(-777));
     if (t > 1) p.out = rows.data();
-    emu::launch({static_cast<unsigned>(ceil_div(n * t, Tile::BM)), 1, 1}, Tile::kThreads, 0,
+    emu::launch({static_cast<unsigned>(ceil_div(n * t, Tile::BM)), 1, 1}, Tile::kThreads, sizeof(typename Tile::Smem),
                 [&] { grad_dot_tiled_kernel<Tile, acc_t>(p); });
     if (t > 1) emu::launch({1, 1, 1}, 64, 0, [&] { sum_positions_kernel<acc_t>(rows.data(), n, t, out.data()); });
   }
@@ -188,7 +188,8 @@ std::vector<acc_t> run_sim(const std::vector<LayerData<typename Tile::in_t>>& la
     p.out = partial.data();
     p.final_write = false;
   }
-  emu::launch({static_cast<unsigned>(plan.row_blocks), static_cast<unsigned>(plan.splits), 1}, Tile::kThreads, 0,
+  emu::launch({static_cast<unsigned>(plan.row_blocks), static_cast<unsigned>(plan.splits), 1}, Tile::kThreads,
+              sizeof(typename Tile::Smem),
               [&] { grad_sim_kernel<Tile, acc_t>(p); });
   if (!partial.empty()) {
     emu::launch({2, 1, 1}, 64, 0,
@@ -277,12 +278,12 @@ int main(int argc, char** argv) {
   // grad_sim, grad_norm.
   const std::string only = argc > 1 ? argv[1] : "";
   const bool quick = only == "quick", all = only.empty() || quick;
-  using SimtF = SimtTile<float, float, 128, 64, 16>;
-  using SimtD = SimtTile<double, double, 64, 64, 8>;
-  using SimtH = SimtTile<__half, float, 128, 64, 16>;
-  using WmmaH = WmmaTile<__half>;
-  using WmmaB = WmmaTile<__nv_bfloat16>;
-  using WmmaT = WmmaTile<Tf32Tag>;
+  using SimtF = SimtF32<float>;  // the engines grad_dot_cuda.cu / grad_sim_reduce_cuda.cu launch
+  using SimtD = SimtF64;
+  using SimtH = SimtF32<__half>;
+  using WmmaH = WmmaF16;
+  using WmmaB = WmmaBF16;
+  using WmmaT = WmmaTF32;
   constexpr double kF = 2e-5, kD = 1e-12, kTf32 = 3e-3;  // relative to the largest |reference| value
 
   if (all || only == "grad_dot") {
@@ -300,6 +301,10 @@ int main(int argc, char** argv) {
     run_grad_dot<WmmaH, __half, float>("tiled wmma-f16", 150, 1, 70, 100, true, false, kF);
     run_grad_dot<WmmaB, __nv_bfloat16, float>("tiled wmma-bf16", 45, 3, 17, 65, true, false, kF);
     run_grad_dot<WmmaT, float, float>("tiled wmma-tf32", 130, 1, 40, 70, false, false, kTf32);
+    // 16-byte aligned rows: the cp.async path, 7 slabs through the 3-stage ring; T = 2 with a partial chunk
+    run_grad_dot<WmmaH, __half, float>("tiled wmma-f16", 70, 1, 200, 48, true, false, kF);
+    run_grad_dot<WmmaB, __nv_bfloat16, float>("tiled wmma-bf16", 33, 2, 4, 40, false, false, kF);
+    run_grad_dot<WmmaT, float, float>("tiled wmma-tf32", 20, 1, 132, 36, true, false, kTf32);
   }
   if (quick) {  // one block row per engine, two target tiles (so two splits and the merge), T, S > 1 once
     const std::vector<LayerShape> mlp = {{1, 1, 8, 40}, {1, 1, 40, 3}};
@@ -308,6 +313,7 @@ int main(int argc, char** argv) {
     test_sim<WmmaH, float>("wmma-f16", 40, 70, mlp, kF, {kMean, kMax});
     test_sim<WmmaB, float>("wmma-bf16", 9, 40, mlp, kF, {kCountGt});
     test_sim<WmmaT, float>("wmma-tf32", 17, 66, mlp, kTf32, {kSum});
+    test_sim<WmmaH, float>("wmma-f16", 20, 70, {{2, 2, 4, 12}, {1, 1, 104, 8}}, kF, {kMax});  // cp.async, partial chunks
   } else if (all || only == "grad_sim") {
     const std::vector<LayerShape> mlp = {{1, 1, 8, 40}, {1, 1, 40, 3}};
     const std::vector<LayerShape> seq = {{2, 3, 9, 5}, {1, 1, 20, 17}};
