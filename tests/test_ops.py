@@ -128,3 +128,21 @@ def test_wrapper_fallback_is_loud(monkeypatch):
     monkeypatch.setenv("FASTATTR_STRICT", "1")
     with pytest.raises(RuntimeError, match="FASTATTR_STRICT"):
         ops.grad_dot(x, g, torch.randn(2, 3))
+
+
+def test_grad_dot_zero_width_input_keeps_the_bias_term():
+    k = kernel("grad_dot")
+    x, g = torch.randn(6, 3, 0), torch.randn(6, 3, 4)
+    bias = torch.randn(4)
+    torch.testing.assert_close(k(x, g, torch.randn(4, 0), bias), reference.grad_dot(x, g, torch.randn(4, 0), bias))
+
+
+@pytest.mark.parametrize("reduce", ["max", "min"])
+def test_grad_sim_reduce_max_min_propagate_nan(reduce):
+    k = kernel("grad_sim_reduce")
+    xa, ga = make_layer(4, 1, 3, 2, torch.float64, flat=True)
+    xb, gb = make_layer(300, 1, 3, 2, torch.float64, flat=True, seed=2)
+    xb[257, 0] = float("nan")  # in the second block of targets
+    out = k([xa], [ga], [xb], [gb], reduce, 0.0)
+    assert torch.isnan(out).all()
+    torch.testing.assert_close(out, reference.grad_sim_reduce([xa], [ga], [xb], [gb], reduce), equal_nan=True)

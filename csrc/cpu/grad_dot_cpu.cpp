@@ -27,7 +27,7 @@ at::Tensor grad_dot_cpu(const at::Tensor& x, const at::Tensor& g, const at::Tens
   const auto acc_type = score_dtype(x3.scalar_type());
   auto out = at::empty({n}, x3.options().dtype(acc_type));
   if (n == 0) return out;
-  if (t == 0 || d_out == 0 || x3.size(2) == 0) return out.zero_();
+  if (t == 0 || d_out == 0) return out.zero_();  // d_in == 0 still has the bias term
 
   // Everything below works in the accumulation type (float for half/bfloat16/float, double for double).
   auto xs = x3.contiguous().to(acc_type);

@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <limits>
 
 #include "checks.h"
@@ -36,8 +37,9 @@ void fold_tile(const at::Tensor& tile, Reduce reduce, double threshold, int64_t 
                          : out[r0 + r];
     for (int64_t c = 0; c < cols; ++c) {
       switch (reduce) {
-        case Reduce::Max: acc = std::max(acc, row[c]); break;
-        case Reduce::Min: acc = std::min(acc, row[c]); break;
+        // NaN propagates like torch.amax / amin (std::max would drop it)
+        case Reduce::Max: acc = (row[c] > acc || std::isnan(row[c])) && !std::isnan(acc) ? row[c] : acc; break;
+        case Reduce::Min: acc = (row[c] < acc || std::isnan(row[c])) && !std::isnan(acc) ? row[c] : acc; break;
         case Reduce::CountGt: acc += row[c] > threshold ? scalar_t(1) : scalar_t(0); break;
         default: acc += row[c];
       }
