@@ -456,28 +456,20 @@ def score(
         raise ScoringError(f"dtype must be a floating-point dtype, got {dtype}")
     joint = target_loss is None
 
-    def record_fn(m):
-        out = record_loss(m)
-        if joint:
-            if not (isinstance(out, tuple) and len(out) == 2):
-                raise ScoringError(
-                    "record_loss must return (record_losses, target) when target_loss is None; got "
-                    f"{type(out).__name__}"
-                )
-            return out[0]
+    def split(out):  # (record_losses, target) when target_loss is None
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise ScoringError(
+                f"record_loss must return (record_losses, target) when target_loss is None; got {type(out).__name__}"
+            )
         return out
+
+    def record_fn(m):
+        return split(record_loss(m))[0] if joint else record_loss(m)
 
     with _Threads(deterministic), _RequireGrad(plan.params.values()), torch.enable_grad():
         with _Capture(plan.layers):
-            out = record_loss(model)
-            if joint:
-                if not (isinstance(out, tuple) and len(out) == 2):
-                    raise ScoringError(
-                        "record_loss must return (record_losses, target) when target_loss is None; got "
-                        f"{type(out).__name__}"
-                    )
-                losses, target = out
-            losses = _check_records(out if not joint else losses)
+            losses, target = split(record_loss(model)) if joint else (record_loss(model), None)
+            losses = _check_records(losses)
             record_calls = [layer.calls for layer in plan.layers]
             if not joint:  # a separate forward for the target: keep its calls apart from the records'
                 for layer in plan.layers:
