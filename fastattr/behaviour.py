@@ -22,7 +22,6 @@ import argparse
 import io
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -264,17 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not a.run or not a.probe:
         p.error("RUN and --probe are required (or --list-probes)")
-    try:
+    def compute():
         run = runinfo.load_run(a.run)
         rounds = runinfo.parse_rounds(a.rounds, run.rounds)
-        res = behaviour(a.run, a.probe, rounds, a.targets, a.top, a.neighbors, a.saturation, not a.no_progress)
-        files = write(res, a.out or a.run)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"fastattr behaviour: error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
-    print(to_markdown(res))
-    print("wrote " + ", ".join(files.values()))
-    return 0
+        return behaviour(a.run, a.probe, rounds, a.targets, a.top, a.neighbors, a.saturation, not a.no_progress)
+
+    return runinfo.run_tool("behaviour", compute, write, to_markdown, a.out or a.run)
 
 
 if __name__ == "__main__":

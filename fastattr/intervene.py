@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -168,21 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output dir (default: the run dir)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    try:
+    def compute():
         if a.p is not None and not 0 < a.p <= 1:
             raise ValueError(f"--p must be in (0, 1], got {a.p}")
         if a.eval_episodes is not None and a.eval_episodes < 1:
             raise ValueError(f"--eval-episodes must be >= 1, got {a.eval_episodes}")
         run = runinfo.load_run(a.run)
         rounds = runinfo.parse_rounds(a.rounds, run.rounds)
-        res = intervene(a.run, rounds, runinfo.parse_seeds(a.seeds), a.eval_episodes, a.p, not a.no_progress)
-        files = write(res, a.out or a.run)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"fastattr intervene: error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
-    print(to_markdown(res))
-    print("wrote " + ", ".join(files.values()))
-    return 0
+        return intervene(a.run, rounds, runinfo.parse_seeds(a.seeds), a.eval_episodes, a.p, not a.no_progress)
+
+    return runinfo.run_tool("intervene", compute, write, to_markdown, a.out or a.run)
 
 
 if __name__ == "__main__":

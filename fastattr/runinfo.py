@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,3 +212,17 @@ def load_buffer(run: Run, k: int, continuous: bool = False):
         num_envs=int(data.get("num_envs", 1)), advantages=t["adv_gae"].float(), returns=t["returns"].float(),
     )
     return buf, data
+
+
+def run_tool(name: str, compute, write, to_markdown, out_dir) -> int:
+    """The shared tail of `fastattr behaviour | intervene | validate`: run `compute()`, write its files, print the
+    markdown summary; a bad run dir, round or probe becomes one clear error line and exit code 2."""
+    try:
+        res = compute()
+        files = write(res, out_dir)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        print(f"fastattr {name}: error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
+    print(to_markdown(res))
+    print("wrote " + ", ".join(files.values()))
+    return 0

@@ -16,8 +16,6 @@ Output gradients come from one `torch.autograd.grad` to the captured layer outpu
 """
 from __future__ import annotations
 
-import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 

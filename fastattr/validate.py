@@ -21,11 +21,9 @@ Writes <run>/validate_r<rounds>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -253,18 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output dir (default: the run dir)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
-    try:
+    def compute():
         run = runinfo.load_run(a.run)
         rounds = runinfo.parse_rounds(a.rounds, run.rounds)
-        res = validate(a.run, rounds, _floats(a.lrs) if a.lrs else None, a.frac, a.subsets,
-                       tuple(m.strip() for m in a.modes.split(",") if m.strip()), a.seed, not a.no_progress)
-        files = write(res, a.out or a.run)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f"fastattr validate: error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
-    print(to_markdown(res))
-    print("wrote " + ", ".join(files.values()))
-    return 0
+        return validate(a.run, rounds, _floats(a.lrs) if a.lrs else None, a.frac, a.subsets,
+                        tuple(m.strip() for m in a.modes.split(",") if m.strip()), a.seed, not a.no_progress)
+
+    return runinfo.run_tool("validate", compute, write, to_markdown, a.out or a.run)
 
 
 if __name__ == "__main__":
