@@ -21,6 +21,12 @@ One round (the paper's round k, 0-based: theta(k) collects B(k) and is updated t
     evaluate          stochastic policy on separately seeded eval envs (does not touch the training RNG)
 The metrics line `round = r` describes theta(r) (r updates done; r = 0 is the initial policy); the attribution file
 attribution/round_{k}.npz holds B(k) and its scores at theta(k), the buffer of the update that produced theta(k+1).
+
+Speed (benchmarks/bench_ppo.py): rollout actions come from a numpy copy of the actor (`NumpyPolicy`; a step is a
+batch of one, where torch's per-op overhead dominates) and log pi / V for the buffer from one torch pass after the
+loop; MLP agents trained with plain SGD take `NumpySGDStep`, the same minibatch loss and step with the backward
+written out in numpy (tested against torch autograd). Everything runs on one torch thread (bit-identical curves
+whatever the thread count); `--threads` goes to fastattr.score's kernels.
 """
 from __future__ import annotations
 
