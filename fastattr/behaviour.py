@@ -65,6 +65,25 @@ def action_influence(agent, buf, adv_record: torch.Tensor, target_idx: np.ndarra
     return fastattr.score(agent, records, targets, params=agent.is_actor_param, reduce="mean")
 
 
+def pick_targets(mask: np.ndarray, n_targets: int) -> np.ndarray:
+    """Up to n_targets probe-matching record indices, evenly spread over the buffer (deterministic)."""
+    match = np.nonzero(mask)[0]
+    return match[np.unique(np.linspace(0, len(match) - 1, min(n_targets, len(match))).round().astype(int))]
+
+
+def probe_scores(agent, buf, adv_record: torch.Tensor, probe_spec: str, n_targets: int, env_id: str) -> dict:
+    """What `fastattr train --probe` stores per round: probe_mask [N], probe_targets [M] (record indices) and
+    score_action [N], each record's mean influence on log pi(a_m|s_m) over the targets (empty when nothing matches)."""
+    probe = probes.get_probe(probe_spec)
+    probe.check_env(env_id)
+    mask = probe(buf.obs.numpy(), buf.actions.numpy())
+    target_idx = pick_targets(mask, n_targets)
+    out = {"probe_mask": mask, "probe_targets": target_idx}
+    if len(target_idx):
+        out["score_action"] = action_influence(agent, buf, adv_record, target_idx)
+    return out
+
+
 def analyse_round(run, args, k: int, probe: probes.Probe, emb_agent, n_targets: int, top: int,
                   n_neighbors: int) -> dict:
     agent, _ = runinfo.load_theta(run, k, args)
@@ -74,8 +93,7 @@ def analyse_round(run, args, k: int, probe: probes.Probe, emb_agent, n_targets: 
     row = {"round": k, "n_records": int(buf.n), "n_match": int(mask.sum())}
     if not mask.any():
         return row
-    match = np.nonzero(mask)[0]
-    target_idx = match[np.unique(np.linspace(0, len(match) - 1, min(n_targets, len(match))).round().astype(int))]
+    target_idx = pick_targets(mask, n_targets)
     if "adv_norm" in data:
         adv_record = torch.as_tensor(np.asarray(data["adv_norm"], dtype=np.float32))
     else:

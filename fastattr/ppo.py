@@ -119,6 +119,11 @@ class Args:
     """minibatch | buffer | none: how A~ in the record loss is normalised (minibatch = as the update does it)"""
     save_attribution: bool = False
     """save every round's buffer and scores (attribution/round_k.npz) and theta(k) (checkpoints/theta_k.pt)"""
+    probe: str = ""
+    """with --save-attribution: also store each record's action-target influence (score_action: mean over up to
+    --probe-targets records matching this probe, e.g. frozenlake-down; `fastattr behaviour --list-probes`)"""
+    probe_targets: int = 32
+    """how many probe-matching records serve as action targets per round"""
 
     # evaluation
     eval_episodes: int = 20
@@ -183,6 +188,12 @@ def validate_args(args: Args) -> Args:
     need(args.preset in ("", "paper"), f"--preset must be 'paper' or empty, got {args.preset!r}")
     need(isinstance(args.env_kwargs, dict), f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
     envs_lib.check_env_id(args.env_id)
+    if args.probe:
+        need(args.save_attribution, "--probe stores action-target scores with the attribution: add --save-attribution")
+        need(args.probe_targets >= 1, f"--probe-targets must be >= 1, got {args.probe_targets}")
+        from .probes import get_probe
+
+        get_probe(args.probe).check_env(args.env_id)  # an unknown probe or one for another env fails before any I/O
     if not args.run_dir:
         args.run_dir = os.path.join("runs", f"{args.env_id}__{args.method}__{args.seed}")
     return args
@@ -1032,6 +1043,12 @@ def _main(args: Args) -> dict:
                               "this round", RuntimeWarning, stacklevel=2)
                 keep, fallback = torch.ones(buf.n, dtype=torch.bool), True
         attr_seconds = time.perf_counter() - t0
+        probe_saved = {}
+        if args.save_attribution and args.probe:  # action targets at theta(k), before the update (issue 6)
+            from .behaviour import probe_scores
+
+            with torch_threads(args.threads):
+                probe_saved = probe_scores(agent, buf, adv_norm, args.probe, args.probe_targets, args.env_id)
 
         # ALGO LOGIC: the normal PPO epochs on the kept records, from theta(k)
         if args.save_attribution:
@@ -1060,7 +1077,7 @@ def _main(args: Args) -> dict:
                 terminated=buf.terminated, bootstrap=buf.bootstrap, values=buf.values, logp=buf.logp,
                 adv_gae=buf.advantages, returns=buf.returns, returns_mc=discounted_returns(buf, args.gamma),
                 adv_norm=adv_norm, score_return=scores, keep=keep, order_epoch1=order1,
-                next_value=buf.next_value, num_envs=np.array(buf.num_envs),
+                next_value=buf.next_value, num_envs=np.array(buf.num_envs), **probe_saved,
             )
             io_seconds += time.perf_counter() - t_io
 

@@ -133,3 +133,28 @@ def test_run_dir_from_another_version(tmp_path, capsys):
     for main, extra in ((intervene.main, []), (validate.main, []), (behaviour.main, ["--probe", "action=1"])):
         assert main([str(old), "--round" if main is not behaviour.main else "--rounds", "0", *extra]) == 2
         assert "another fastattr version" in capsys.readouterr().err
+
+
+# --- train --probe: action-target scores stored per round ---------------------------------------------------------------
+
+def test_train_probe_stores_action_scores_equal_to_behaviour_recomputation(tmp_path):
+    run = train_tiny(tmp_path / "probe", rounds=2, probe="frozenlake-down", probe_targets=5)
+    for k in (0, 1):
+        data = runinfo.load_round(run, k)
+        mask, targets = data["probe_mask"].astype(bool), data["probe_targets"]
+        assert mask.shape == (128,) and len(targets) == min(5, int(mask.sum())) and mask[targets].all()
+        assert np.all(data["actions"][mask] == 1)  # frozenlake-down = action 1
+        # recompute from the saved theta(k) and buffer with the behaviour tool's own path
+        r = runinfo.load_run(run)
+        agent, _ = runinfo.load_theta(r, k, runinfo.ppo_args(r))
+        buf, saved = runinfo.load_buffer(r, k, continuous=agent.continuous)
+        again = behaviour.action_influence(agent, buf, torch.as_tensor(saved["adv_norm"]), targets)
+        np.testing.assert_allclose(data["score_action"], again.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_train_probe_for_another_env_is_rejected_before_any_io(tmp_path):
+    with pytest.raises(ValueError, match="probe 'minigrid-turn' is for MiniGrid runs, but this run is FrozenLake"):
+        train_tiny(tmp_path / "bad", rounds=1, probe="minigrid-turn")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="add --save-attribution"):
+        train_tiny(tmp_path / "bad", rounds=1, probe="frozenlake-down", save_attribution=False)
