@@ -19,7 +19,6 @@ Writes <run>/behaviour_<probe>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import re
 from pathlib import Path
@@ -229,10 +228,9 @@ def figure(res: dict) -> bytes:
                      transform=axes[0].get_xaxis_transform(), ha="center", va="top", fontsize=8, color="#444")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.tight_layout()
-    out = io.BytesIO()
-    fig.savefig(out, format="png", dpi=110)
-    plt.close(fig)
-    return out.getvalue()
+    from .report import fig_to_png
+
+    return fig_to_png(fig)
 
 
 def to_markdown(res: dict) -> str:

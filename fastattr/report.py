@@ -120,11 +120,16 @@ def _plt():
     return plt
 
 
-def fig_to_b64(fig) -> str:
+def fig_to_png(fig, **savefig_kwargs) -> bytes:
+    """PNG bytes of a matplotlib figure at the reports' resolution; closes the figure."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, **savefig_kwargs)
     _plt().close(fig)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
+
+
+def fig_to_b64(fig) -> str:
+    return base64.b64encode(fig_to_png(fig, bbox_inches="tight")).decode("ascii")
 
 
 def file_b64(path) -> str:

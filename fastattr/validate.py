@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 from pathlib import Path
 
@@ -200,10 +199,9 @@ def figure(res: dict) -> bytes:
     fig.suptitle(f"{res['env_id']}: removing a subset of B(k), predicted vs actual change of the return target J "
                  f"(rounds {res['rounds']})", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    from .report import fig_to_png
+
+    return fig_to_png(fig)
 
 
 def to_markdown(res: dict) -> str:
