@@ -3,7 +3,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEPS := numpy "gymnasium[box2d]>=1.0" minigrid pytest pybind11 ninja matplotlib tqdm scipy setuptools wheel
+DEPS := numpy "gymnasium[box2d]>=1.0" minigrid highway-env pytest pybind11 ninja matplotlib tqdm scipy setuptools wheel
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp)
 PYTEST_ARGS ?=
 
