@@ -105,4 +105,31 @@ inline Reduce parse_reduce(const std::string& reduce) {
   TORCH_CHECK(false, "grad_sim_reduce: reduce must be one of none, sum, mean, max, min, count_gt; got '", reduce, "'");
 }
 
+inline const char* reduce_name(Reduce r) {
+  switch (r) {
+    case Reduce::None: return "none";
+    case Reduce::Sum: return "sum";
+    case Reduce::Mean: return "mean";
+    case Reduce::Max: return "max";
+    case Reduce::Min: return "min";
+    default: return "count_gt";
+  }
+}
+
+// grad_sim_reduce's output, [N, M] for reduce='none' and [N] otherwise, in the accumulation dtype. Sets `done` when
+// there is nothing to compute (N = 0 or M = 0) and `out` is already the answer: a reduction over no targets is 0 for
+// sum and count_gt, and undefined (an error) for mean, max and min.
+inline at::Tensor sim_output(const LayerLists& L, Reduce reduce, bool& done) {
+  const int64_t n = L.n, m = L.m;
+  auto opts = L.xa[0].options().dtype(score_dtype(L.xa[0].scalar_type()));
+  at::Tensor out = reduce == Reduce::None ? at::empty({n, m}, opts) : at::empty({n}, opts);
+  done = n == 0 || m == 0;
+  if (m == 0 && n > 0 && reduce != Reduce::None) {
+    TORCH_CHECK(reduce == Reduce::Sum || reduce == Reduce::CountGt, "grad_sim_reduce: reduce='", reduce_name(reduce),
+                "' over M=0 targets is undefined");
+    out.zero_();
+  }
+  return out;
+}
+
 }  // namespace fastattr

@@ -62,15 +62,9 @@ at::Tensor grad_sim_reduce_cpu(at::TensorList xa, at::TensorList ga, at::TensorL
   auto L = check_sim_lists(xa, ga, xb, gb, "grad_sim_reduce");
   const int64_t n = L.n, m = L.m;
   const auto acc_type = score_dtype(L.xa[0].scalar_type());
-  auto opts = L.xa[0].options().dtype(acc_type);
-  at::Tensor out = reduce == Reduce::None ? at::empty({n, m}, opts) : at::empty({n}, opts);
-  if (n == 0 || (m == 0 && reduce == Reduce::None)) return out;
-  if (m == 0) {
-    // Reductions over an empty set: sum/count are 0; mean/max/min are undefined.
-    TORCH_CHECK(reduce == Reduce::Sum || reduce == Reduce::CountGt,
-                "grad_sim_reduce: reduce='", std::string(reduce_str), "' over M=0 targets is undefined");
-    return out.zero_();
-  }
+  bool done = false;
+  at::Tensor out = sim_output(L, reduce, done);
+  if (done) return out;
   std::vector<at::Tensor> xa_c, ga_c, xb_t, gb_t;
   for (size_t l = 0; l < L.xa.size(); ++l) {
     xa_c.push_back(L.xa[l].to(acc_type));

@@ -25,17 +25,6 @@ static_assert(static_cast<int>(Reduce::None) == cuda::kNone && static_cast<int>(
                   static_cast<int>(Reduce::Min) == cuda::kMin && static_cast<int>(Reduce::CountGt) == cuda::kCountGt,
               "fastattr::Reduce and cuda::ReduceOp must agree");
 
-const char* reduce_name(Reduce r) {
-  switch (r) {
-    case Reduce::None: return "none";
-    case Reduce::Sum: return "sum";
-    case Reduce::Mean: return "mean";
-    case Reduce::Max: return "max";
-    case Reduce::Min: return "min";
-    default: return "count_gt";
-  }
-}
-
 // Layers [l0, l1) of one grad_sim_reduce call, reduced over M into `out` ([N, M] or [N]).
 template <class Tile, typename acc_t>
 void launch_sim(const LayerLists& L, size_t l0, size_t l1, Reduce reduce, double threshold, const at::Tensor& out,
@@ -124,14 +113,9 @@ at::Tensor grad_sim_reduce_cuda(at::TensorList xa, at::TensorList ga, at::Tensor
   const c10::cuda::CUDAGuard guard(L.xa[0].device());
   const int64_t n = L.n, m = L.m;
   const auto acc_type = score_dtype(L.xa[0].scalar_type());
-  auto opts = L.xa[0].options().dtype(acc_type);
-  at::Tensor out = reduce == Reduce::None ? at::empty({n, m}, opts) : at::empty({n}, opts);
-  if (n == 0 || (m == 0 && reduce == Reduce::None)) return out;
-  if (m == 0) {
-    TORCH_CHECK(reduce == Reduce::Sum || reduce == Reduce::CountGt, "grad_sim_reduce: reduce='", reduce_name(reduce),
-                "' over M=0 targets is undefined");
-    return out.zero_();
-  }
+  bool done = false;
+  at::Tensor out = sim_output(L, reduce, done);
+  if (done) return out;
   const size_t layers = L.xa.size();
   const bool additive = reduce == Reduce::None || reduce == Reduce::Sum || reduce == Reduce::Mean;
   TORCH_CHECK(layers <= static_cast<size_t>(cuda::kMaxLayers) || additive, "grad_sim_reduce: reduce='",
