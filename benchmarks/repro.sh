@@ -6,7 +6,7 @@
 #
 #   JOBS=2 nohup setsid benchmarks/repro.sh >> runs/repro/repro.log 2>&1 &
 #
-# highway: highway-fast-v0 stands in for highway-v0 (about 17 env steps/s here, ~3.3 h per run; PAPER.md §8).
+# highway: highway-fast-v0 stands in for highway-v0 (~23 env steps/s here, ~2.5 h per run; fast: ~100/s).
 # Each env's summary (SE_ave, SE_peak, RT_peak, final-return gain) lands in $OUT/<env>/summary.{md,json}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
