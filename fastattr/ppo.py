@@ -36,7 +36,7 @@ import os
 import random
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import gymnasium as gym
@@ -107,6 +107,9 @@ class Args:
     for MLP agents with plain SGD, torch autograd otherwise"""
     minibatch_remainder: str = "keep"
     """keep | drop: the last partial minibatch of an epoch (SB3 keeps it; the official IIF retrain drops it)"""
+    env_stream: str = "continue"
+    """continue | reseed: episodes continue across rounds (Algorithm 1, SB3), or every round starts from
+    env.reset(seed=seed) as the official code's one-process-per-round pipeline does (its action RNG continues here)"""
     network: str = "auto"
     """auto | mlp | cnn: auto = the paper's CNN for image observations (MiniGrid), else 2x64 tanh MLPs"""
     hidden: int = 64
@@ -183,6 +186,8 @@ def validate_args(args: Args) -> Args:
          f"--score-adv-norm must be minibatch, buffer or none, got {args.score_adv_norm!r}")
     need(args.update_backend in ("auto", "torch", "numpy"),
          f"--update-backend must be auto, torch or numpy, got {args.update_backend!r}")
+    need(args.env_stream in ("continue", "reseed"),
+         f"--env-stream must be continue or reseed, got {args.env_stream!r}")
     need(args.minibatch_remainder in ("keep", "drop"),
          f"--minibatch-remainder must be keep or drop, got {args.minibatch_remainder!r}")
     need(args.preset in ("", "paper"), f"--preset must be 'paper' or empty, got {args.preset!r}")
@@ -818,6 +823,9 @@ def prepare_run_dir(args: Args) -> tuple[Path, dict | None]:
     mine = semantic_args(args)
     if args_file.exists():
         theirs = json.loads(args_file.read_text())
+        # an option added after that run started is absent from its args.json: it ran with the option's default
+        theirs = {**{f.name: f.default_factory() if f.default is MISSING else f.default
+                     for f in fields(Args) if f.name in mine and f.name not in theirs}, **theirs}
         diff = {k: (theirs.get(k), mine[k]) for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)}
         if diff:
             lines = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, a, b in ((k, *d) for k, d in diff.items()))
@@ -1023,6 +1031,9 @@ def _main(args: Args) -> dict:
         t_round = time.perf_counter()
         # ALGO LOGIC: rollout with theta(k)
         t0 = time.perf_counter()
+        if args.env_stream == "reseed" and r > 1:  # the official code: a fresh, identically seeded env each round
+            state.next_obs, _ = envs.reset(seed=args.seed)
+            state.ep_return[:], state.ep_length[:] = 0, 0
         buf, episodes = collect_rollout(envs, agent, state, args)
         compute_gae(buf, args.gamma, args.gae_lambda)
         rollout_seconds = time.perf_counter() - t0

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from fastattr import ppo, store
+from fastattr import envs, ppo, store
 
 TIMING = {"rollout_seconds", "attr_seconds", "update_seconds", "train_seconds", "eval_seconds", "io_seconds",
           "wall_seconds", "time", "sps"}
@@ -227,8 +227,12 @@ def test_discounted_returns_by_hand():
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # the env replay must rebuild the envs exactly
 @pytest.mark.parametrize("method,kill", [("iif", "after_checkpoint"), ("random", "before_checkpoint")])
-def test_resume_is_bit_identical(tmp_path, monkeypatch, method, kill):
-    straight = ppo.main(tiny(tmp_path, "straight", method=method))
+@pytest.mark.parametrize("stream", ["continue", "reseed"])
+def test_resume_is_bit_identical(tmp_path, monkeypatch, method, kill, stream):
+    def run_args(*a, **kw):
+        return tiny(*a, env_stream=stream, **kw)
+
+    straight = ppo.main(run_args(tmp_path, "straight", method=method))
     assert straight["round"] == 3
 
     real = ppo.save_checkpoint
@@ -242,16 +246,16 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, method, kill):
 
     monkeypatch.setattr(ppo, "save_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
-        ppo.main(tiny(tmp_path, "resumed", method=method))
+        ppo.main(run_args(tmp_path, "resumed", method=method))
     monkeypatch.setattr(ppo, "save_checkpoint", real)
     with pytest.raises(ppo.RunDirError, match="--resume"):
-        ppo.main(tiny(tmp_path, "resumed", method=method))
-    ppo.main(tiny(tmp_path, "resumed", method=method, resume=True))
+        ppo.main(run_args(tmp_path, "resumed", method=method))
+    ppo.main(run_args(tmp_path, "resumed", method=method, resume=True))
 
     assert rows(tmp_path / "resumed") == rows(tmp_path / "straight")
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    again = ppo.main(tiny(tmp_path, "resumed", method=method, resume=True))
+    again = ppo.main(run_args(tmp_path, "resumed", method=method, resume=True))
     assert again["already_finished"]
 
 
@@ -345,6 +349,7 @@ gym.register("FastattrTest/MultiDiscrete-v0", entry_point=MultiDiscreteEnv)
     ({"total_timesteps": 100}, "less than one round"),
     ({"env_kwargs": {"no_such_kwarg": 1}}, "could not create"),
     ({"network": "cnn"}, "image observations"),
+    ({"env_stream": "fresh"}, "--env-stream must be continue or reseed"),
 ])
 def test_bad_input_is_a_clear_error_and_leaves_no_run_dir(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -378,3 +383,27 @@ def test_filter_keeping_nothing_trains_on_everything(tmp_path, monkeypatch):
         ppo.main(tiny(tmp_path, method="iif-all-neg", total_timesteps=128))
     r = rows(tmp_path / "run")[1]
     assert r["filter_fallback"] and r["kept_fraction"] == 1.0
+
+
+@pytest.mark.parametrize("stream", ["continue", "reseed"])
+def test_env_stream_reseed_starts_every_round_from_the_seeded_reset(tmp_path, stream):
+    args = tiny(tmp_path, stream, method="ppo", save_attribution=True, env_stream=stream, eval_episodes=0)
+    ppo.main(args)
+    first = envs.make_vector_env(args.env_id, 1).reset(seed=args.seed)[0][0]
+    starts = [store.load_round(args.run_dir, k)["obs"][0] for k in store.saved_rounds(args.run_dir)]
+    assert len(starts) == 3
+    np.testing.assert_array_equal(starts[0], first)
+    same = [np.array_equal(starts[0], s) for s in starts[1:]]
+    assert all(same) if stream == "reseed" else not any(same)
+
+
+
+def test_run_from_before_an_option_existed_resumes_with_its_default(tmp_path):
+    args = tiny(tmp_path, total_timesteps=256)
+    ppo.main(args)
+    stored = json.loads((tmp_path / "run" / "args.json").read_text())
+    del stored["env_stream"]  # as written before --env-stream existed
+    (tmp_path / "run" / "args.json").write_text(json.dumps(stored))
+    assert ppo.main(tiny(tmp_path, total_timesteps=256, resume=True))["already_finished"]
+    with pytest.raises(ppo.RunDirError, match="env_stream: 'continue' there vs 'reseed' now"):
+        ppo.main(tiny(tmp_path, total_timesteps=256, resume=True, env_stream="reseed"))
