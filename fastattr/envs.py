@@ -13,6 +13,7 @@ continues bit-identically without pickling environments (Box2D worlds cannot be 
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -156,6 +157,7 @@ class NumpyKinematics(gym.Wrapper):
         return out
 
 
+@functools.cache  # one class for every env and episode, built on the first highway reset
 def _numpy_kinematics_class():
     import pandas as pd
     from highway_env import utils

@@ -43,3 +43,12 @@ def test_numpy_kinematics_leaves_other_observation_types_alone():
     env = envs.make_env("highway-fast-v0", {"config": config})()
     env.reset(seed=0)
     assert type(env.unwrapped.observation_type).__name__ == "OccupancyGridObservation"
+
+
+def test_numpy_kinematics_class_is_built_once():
+    pytest.importorskip("highway_env")
+    env = envs.make_env("highway-fast-v0")()
+    env.reset(seed=0)
+    first = type(env.unwrapped.observation_type)
+    env.reset(seed=1)
+    assert type(env.unwrapped.observation_type) is first
