@@ -103,3 +103,27 @@ def test_no_std_levels_is_an_error():
     empty = metrics.curve_from_rows([{"round": 0, "global_step": 0, "eval_return": 1.0}])
     with pytest.raises(ValueError, match="standard-PPO curve"):
         metrics.sample_efficiency(empty, curve([1.0]))
+
+
+def test_repro_table_rows_come_from_the_summary(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "repro_table", Path(__file__).parents[1] / "benchmarks" / "repro_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    curves = {"ppo": {0: curve([0, 1, 2]), 1: curve([0, 2, 2])}, "iif": {0: curve([1, 2, 2]), 1: curve([2, 2, 3])}}
+    s = metrics.summarize(curves)
+    s["env_id"] = "Acrobot-v1"
+    (tmp_path / "Acrobot-v1").mkdir()
+    (tmp_path / "Acrobot-v1" / "summary.json").write_text(json.dumps(s, default=float))
+    rows = table.rows(json.loads((tmp_path / "Acrobot-v1" / "summary.json").read_text()))
+    assert rows[0].startswith("| Acrobot-v1 | paper (IIF, best p) | 5 | 36.7 ± 6.5 |")
+    # se_ave from test_summarize_and_markdown: ((0 + .5 + 1/3) / 3 + .25) / 2 = 26.4%; final gain +0.5
+    se_ave = 100 * ((0 + 0.5 + 1 / 3) / 3 + 0.25) / 2
+    assert rows[1].startswith(f"| Acrobot-v1 | iif | 2 | {se_ave:.1f} ± ")
+    assert "| 2 / 2.5 | +0.5 [" in rows[1]
+    with pytest.raises(SystemExit):  # an empty root is an error naming --root, not an empty table
+        table.main(["--root", str(tmp_path / "nothing")])
