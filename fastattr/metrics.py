@@ -46,12 +46,31 @@ class Curve:
     mean_round_train: float
     updates: np.ndarray | None = None  # cumulative optimiser steps (a load-independent measure of optimisation work)
     mean_round_updates: float = 0.0
+    # UPDATE_STATS -> its mean over the trained rounds of each third of training (first, middle, last)
+    phases: dict | None = None
 
     def trained(self) -> "Curve":
         keep = self.rounds >= 1
         upd = self.updates[keep] if self.updates is not None else None
         return Curve(self.rounds[keep], self.steps[keep], self.returns[keep], self.opt[keep], self.train[keep],
-                     self.last_round, self.mean_round_opt, self.mean_round_train, upd, self.mean_round_updates)
+                     self.last_round, self.mean_round_opt, self.mean_round_train, upd, self.mean_round_updates,
+                     self.phases)
+
+
+# Per-round update diagnostics of metrics.jsonl that `summarize` reports per third of training: how far each
+# update moves the policy (approx. KL, clip fraction) and how much of the buffer it used.
+UPDATE_STATS = ("approx_kl", "clipfrac", "kept_fraction")
+
+
+def phase_means(rows: list[dict]) -> dict[str, list[float]]:
+    """Mean of each UPDATE_STATS key over the trained rounds (round >= 1) in each third of training."""
+    trained = [r for r in rows if r["round"] >= 1]
+    thirds = np.array_split(np.arange(len(trained)), 3)
+    out = {}
+    for key in UPDATE_STATS:
+        vals = [[trained[i][key] for i in part if trained[i].get(key) is not None] for part in thirds]
+        out[key] = [float(np.mean(v)) if v else math.nan for v in vals]
+    return out
 
 
 def curve_from_rows(rows: list[dict]) -> Curve:
@@ -70,6 +89,7 @@ def curve_from_rows(rows: list[dict]) -> Curve:
         mean_round_opt=float(opt[-1]) / n_trained if rows else 0.0,
         mean_round_train=float(train[-1]) / n_trained if rows else 0.0,
         updates=upd[ev] if ev else np.zeros(0), mean_round_updates=float(upd[-1]) / n_trained if rows else 0.0,
+        phases=phase_means(rows),
     )
 
 
@@ -201,6 +221,10 @@ def summarize(curves: dict[str, dict[int, Curve]], baseline: str = "ppo", conf: 
         mean, se, n = mean_se(finals[method].values())
         entry = {"seeds": sorted(runs), "final_return": {"mean": mean, "se": se, "n": n},
                  "rounds": max((c.last_round for c in runs.values()), default=0)}
+        phased = [c.phases for c in runs.values() if c.phases]
+        if phased:  # mean +- s.e. over seeds of each run's phase mean
+            entry["update_phases"] = {key: [dict(zip(("mean", "se", "n"), mean_se(
+                [p[key][i] for p in phased if np.isfinite(p[key][i])]))) for i in range(3)] for key in UPDATE_STATS}
         if method != baseline and baseline in curves:
             per_seed = {}
             for s in sorted(set(runs) & set(curves[baseline])):
@@ -254,4 +278,25 @@ def to_markdown(summary: dict, title: str = "") -> str:
              if e.get("censored_levels")]
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
+    lines += update_phases_markdown(summary)
     return "\n".join(lines) + "\n"
+
+
+def update_phases_markdown(summary: dict) -> list[str]:
+    """How far each method's updates move the policy, per third of training (mean +- s.e. over seeds)."""
+    methods = {m: e["update_phases"] for m, e in summary["methods"].items() if e.get("update_phases")}
+    if not methods:
+        return []
+
+    def cell(d, fmt):
+        return fmt.format(d["mean"]) if np.isfinite(d["mean"]) else "n/a"
+
+    lines = ["", "Per-round update size: mean over the rounds of each third of training, then over seeds (s.e. in "
+             "summary.json, `update_phases`):",
+             "", "| method | approx. KL (first / middle / last third) | clip fraction | kept fraction |",
+             "|---|---|---|---|"]
+    for m, ph in methods.items():
+        cols = [" / ".join(cell(d, fmt) for d in ph[key])
+                for key, fmt in (("approx_kl", "{:.2g}"), ("clipfrac", "{:.2g}"), ("kept_fraction", "{:.3f}"))]
+        lines.append(f"| {m} | " + " | ".join(cols) + " |")
+    return lines

@@ -127,3 +127,19 @@ def test_repro_table_rows_come_from_the_summary(tmp_path):
     assert "| 2 / 2.5 | +0.5 [" in rows[1]
     with pytest.raises(SystemExit):  # an empty root is an error naming --root, not an empty table
         table.main(["--root", str(tmp_path / "nothing")])
+
+
+def test_update_phases_by_hand():
+    # 7 rounds (0..6): round 0 is ignored; rounds 1-6 split in thirds {1,2} {3,4} {5,6}
+    rows = [{"round": r, "global_step": 100 * r, "eval_return": float(r), "approx_kl": 0.01 * r,
+             "clipfrac": 0.1, "kept_fraction": 1.0 if r < 5 else 0.5} for r in range(7)]
+    rows[3]["approx_kl"] = None  # a round without the stat is skipped, not counted as 0
+    c = metrics.curve_from_rows(rows)
+    assert c.phases["approx_kl"] == pytest.approx([0.015, 0.04, 0.055])
+    assert c.phases["kept_fraction"] == pytest.approx([1.0, 1.0, 0.5])
+    other = metrics.curve_from_rows([{**r, "approx_kl": 0.02 * r["round"]} for r in rows])
+    s = metrics.summarize({"ppo": {0: c, 1: other}})
+    kl = s["methods"]["ppo"]["update_phases"]["approx_kl"]
+    assert kl[0]["mean"] == pytest.approx((0.015 + 0.03) / 2) and kl[0]["n"] == 2
+    md = metrics.to_markdown(s, "t")
+    assert "| ppo | 0.022 / " in md
