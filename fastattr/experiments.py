@@ -134,7 +134,8 @@ def parse_int_list(spec: str, what: str = "--seeds") -> list[int]:
     return sorted(dict.fromkeys(out))
 
 
-def _run_finished(run_dir: Path) -> bool:
+def run_finished(run_dir: Path) -> bool:
+    """True when run_dir holds a checkpoint marked finished (a run `fastattr compare` skips)."""
     ck = ppo.checkpoint_path(run_dir)
     if not ck.exists():
         return False
@@ -189,7 +190,7 @@ def main_compare(argv: list[str] | None = None) -> int:
     runs = {(m, s): out / "runs" / f"{m}_s{s}" for s in seeds for m in methods}
     failed = []
     if not opts.aggregate_only:
-        todo = [(m, s) for (m, s), d in runs.items() if not _run_finished(d)]
+        todo = [(m, s) for (m, s), d in runs.items() if not run_finished(d)]
         print(f"compare: {len(runs) - len(todo)} of {len(runs)} runs already finished; running {len(todo)} with "
               f"{min(opts.jobs, max(len(todo), 1))} parallel jobs (logs in {out / 'logs'})", flush=True)
 
@@ -227,7 +228,7 @@ def aggregate(out: Path, env_id: str, methods: list[str], seeds: list[int], base
     for m in methods:
         for s in seeds:
             d = out / "runs" / f"{m}_s{s}"
-            if _run_finished(d):
+            if run_finished(d):
                 curves.setdefault(m, {})[s] = metrics.load_curve(d)
             else:
                 unfinished.append(f"{m}_s{s}")

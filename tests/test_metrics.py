@@ -143,3 +143,34 @@ def test_update_phases_by_hand():
     assert kl[0]["mean"] == pytest.approx((0.015 + 0.03) / 2) and kl[0]["n"] == 2
     md = metrics.to_markdown(s, "t")
     assert "| ppo | 0.022 / " in md
+
+
+def test_ablation_table_pairs_labelled_runs_by_seed(tmp_path, capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from _synthetic_run import train_tiny
+
+    spec = importlib.util.spec_from_file_location(
+        "ablation_table", Path(__file__).parents[1] / "benchmarks" / "ablation_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    finals = {}
+    for label, lr in (("base", 5e-2), ("fast", 2e-1)):
+        for seed in (0, 1):
+            d = train_tiny(tmp_path / label / f"ppo_s{seed}", rounds=2, seed=seed, learning_rate=lr,
+                           save_attribution=False)
+            rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+            finals[label, seed] = rows[-1]["eval_return"]
+    (tmp_path / "fast" / "ppo_s7").mkdir()  # an unfinished run dir is left out, not an error
+    out = tmp_path / "s.json"
+    assert table.main([f"base={tmp_path}/base/ppo_s*", f"fast lr={tmp_path}/fast/ppo_s*", "--json", str(out)]) == 0
+    s = json.loads(out.read_text())
+    assert list(s["methods"]) == ["base", "fast lr"] and s["baseline"] == "base"
+    gain = s["methods"]["fast lr"]["final_gain"]
+    assert gain["n"] == 2
+    assert gain["mean"] == pytest.approx(np.mean([finals["fast", k] - finals["base", k] for k in (0, 1)]))
+    assert "| fast lr | 2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no finished run"):
+        table.main([f"x={tmp_path}/nothing_s*"])
