@@ -283,7 +283,7 @@ def to_markdown(summary: dict, title: str = "") -> str:
 
 
 def update_phases_markdown(summary: dict) -> list[str]:
-    """How far each method's updates move the policy, per third of training (mean +- s.e. over seeds)."""
+    """How far each method's updates move the policy, per third of training (the mean over seeds; s.e. in the JSON)."""
     methods = {m: e["update_phases"] for m, e in summary["methods"].items() if e.get("update_phases")}
     if not methods:
         return []

@@ -1,5 +1,8 @@
 """The paper's SE_ave / SE_peak / RT_peak and the final-gain CI on curves whose answers are worked out by hand."""
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,15 +108,16 @@ def test_no_std_levels_is_an_error():
         metrics.sample_efficiency(empty, curve([1.0]))
 
 
-def test_repro_table_rows_come_from_the_summary(tmp_path):
-    import importlib.util
-    import json
-    from pathlib import Path
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    spec = importlib.util.spec_from_file_location(
-        "repro_table", Path(__file__).parents[1] / "benchmarks" / "repro_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+
+def test_repro_table_rows_come_from_the_summary(tmp_path):
+    table = load_benchmark("repro_table")
     curves = {"ppo": {0: curve([0, 1, 2]), 1: curve([0, 2, 2])}, "iif": {0: curve([1, 2, 2]), 1: curve([2, 2, 3])}}
     s = metrics.summarize(curves)
     s["env_id"] = "Acrobot-v1"
@@ -146,16 +150,9 @@ def test_update_phases_by_hand():
 
 
 def test_ablation_table_pairs_labelled_runs_by_seed(tmp_path, capsys):
-    import importlib.util
-    import json
-    from pathlib import Path
-
     from _synthetic_run import train_tiny
 
-    spec = importlib.util.spec_from_file_location(
-        "ablation_table", Path(__file__).parents[1] / "benchmarks" / "ablation_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
+    table = load_benchmark("ablation_table")
     finals = {}
     for label, lr in (("base", 5e-2), ("fast", 2e-1)):
         for seed in (0, 1):

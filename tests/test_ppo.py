@@ -397,7 +397,6 @@ def test_env_stream_reseed_starts_every_round_from_the_seeded_reset(tmp_path, st
     assert all(same) if stream == "reseed" else not any(same)
 
 
-
 def test_run_from_before_an_option_existed_resumes_with_its_default(tmp_path):
     args = tiny(tmp_path, total_timesteps=256)
     ppo.main(args)
