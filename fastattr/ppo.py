@@ -30,6 +30,7 @@ whatever the thread count); `--threads` goes to fastattr.score's kernels.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -817,10 +818,17 @@ def theta_path(run_dir, k: int) -> Path:
 
 
 def prepare_run_dir(args: Args) -> tuple[Path, dict | None]:
-    """Creates or checks the run dir. Returns (path, checkpoint or None). Never overwrites another run."""
+    """Creates or checks the run dir and locks it for this process (see `lock_run_dir`). Returns (path, checkpoint or
+    None). Never overwrites another run."""
     run_dir = Path(args.run_dir)
     args_file = run_dir / "args.json"
     mine = semantic_args(args)
+    if not args_file.exists():
+        if run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+            raise RunDirError(f"run dir {run_dir} is not empty and holds no fastattr run (no args.json); choose "
+                              "another --run-dir. Nothing was changed.")
+        run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(run_dir)  # before reading or writing anything in it: a second process stops here
     if args_file.exists():
         theirs = json.loads(args_file.read_text())
         # an option added after that run started is absent from its args.json: it ran with the option's default
@@ -837,12 +845,42 @@ def prepare_run_dir(args: Args) -> tuple[Path, dict | None]:
         ckpt_file = checkpoint_path(run_dir)
         ckpt = load_checkpoint(ckpt_file) if ckpt_file.exists() else None
         return run_dir, ckpt
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise RunDirError(f"run dir {run_dir} is not empty and holds no fastattr run (no args.json); choose another "
-                          "--run-dir. Nothing was changed.")
-    run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write_text(args_file, json.dumps(mine, indent=2, sort_keys=True) + "\n")
     return run_dir, None
+
+
+LOCK_FILE = ".lock"
+_held_locks: dict[str, object] = {}  # resolved run dir -> the open lock file this process holds
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Takes an exclusive flock on <run-dir>/.lock for the rest of this run, so that a second process (a `--resume`
+    or a `fastattr compare` started while the first still runs) stops with an error instead of writing into the same
+    run dir. The kernel drops the lock when the process ends, killed or not: nothing stale is left to clean up."""
+    key = str(run_dir.resolve())
+    if key in _held_locks:
+        return
+    f = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunDirError(f"run dir {run_dir} is in use by another fastattr process (pid {holder}); wait for it to "
+                          "finish, or stop it and pass --resume. Nothing was changed.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held_locks[key] = f
+
+
+def release_run_dir(run_dir) -> None:
+    """Drops this process's lock on run_dir (`main` does it when the run ends or fails)."""
+    f = _held_locks.pop(str(Path(run_dir).resolve()), None)
+    if f is not None:
+        f.close()
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -964,8 +1002,11 @@ def _append_jsonl(path: Path, rec: dict) -> None:
 def main(args: Args) -> dict:
     """Trains one run; returns the last metrics line plus `run_dir`. See the module docstring for a round."""
     args = validate_args(args)
-    with torch_threads(1):
-        return _main(args)
+    try:
+        with torch_threads(1):
+            return _main(args)
+    finally:
+        release_run_dir(args.run_dir)
 
 
 def _main(args: Args) -> dict:

@@ -1,4 +1,5 @@
 """fastattr.ppo: scores against brute force, GAE, the update/score consistency, resume, determinism, bad inputs."""
+import fcntl
 import json
 import math
 
@@ -375,6 +376,25 @@ def test_run_dir_holding_another_run_is_never_touched(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(ppo.RunDirError, match="not empty"):
         ppo.main(tiny(tmp_path, "other"))
+
+
+def test_run_dir_in_use_by_another_process_is_never_touched(tmp_path):
+    args = tiny(tmp_path, total_timesteps=256)
+    ppo.main(args)
+    files = lambda: {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"}
+    before = files()
+    with open(tmp_path / "run" / ppo.LOCK_FILE, "a+") as held:  # what a still-running `fastattr train` holds
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.truncate(0)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(ppo.RunDirError, match=r"in use by another fastattr process \(pid 4242\)"):
+            ppo.main(tiny(tmp_path, total_timesteps=256, resume=True))
+    assert files() == before
+    # main drops its lock when it returns or fails: the same process can go on with the run dir
+    with pytest.raises(ppo.RunDirError, match="holds another run"):
+        ppo.main(tiny(tmp_path, total_timesteps=256, seed=2, resume=True))
+    assert ppo.main(tiny(tmp_path, total_timesteps=256, resume=True))["already_finished"]
 
 
 def test_filter_keeping_nothing_trains_on_everything(tmp_path, monkeypatch):
