@@ -381,7 +381,9 @@ def test_run_dir_holding_another_run_is_never_touched(tmp_path):
 def test_run_dir_in_use_by_another_process_is_never_touched(tmp_path):
     args = tiny(tmp_path, total_timesteps=256)
     ppo.main(args)
-    files = lambda: {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"}
+    def files():
+        return {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ppo.LOCK_FILE}
+
     before = files()
     with open(tmp_path / "run" / ppo.LOCK_FILE, "a+") as held:  # what a still-running `fastattr train` holds
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
