@@ -10,8 +10,10 @@ How each selected parameter is scored (DESIGN.md section 1):
 - nn.Conv1d/2d/3d: aggregated -> one extra convolution with the target gradient as weight; M targets -> unfolded
   patches as positions T (Conv1d/2d, groups = 1), else the general path.
 - nn.Embedding: gathers of the target gradient at the looked-up rows; M targets -> index-equality Gram.
-- Every other parameter (LayerNorm, custom modules, ...): forward-mode JVP of the record losses along the target
-  gradient (identity I3; batched over M for M targets).
+- Every other parameter (LayerNorm, custom modules, a weight tied across two modules, ...): forward-mode JVP of the
+  record losses along the target gradient (identity I3; batched over M for M targets).
+- M targets whose target m does not depend on row m alone (checked, `_one_row_per_target`): full per-target
+  gradients, then the per-layer contractions of the aggregated case.
 Output gradients come from one `torch.autograd.grad` to the captured layer outputs, so no parameter .grad is formed.
 """
 from __future__ import annotations
@@ -108,6 +110,14 @@ def _plan(model: nn.Module, params) -> _Plan:
             f"model: parameters and buffers live on several devices {sorted(map(str, devices))}; move the model to "
             "one device (model.to(device)) before scoring"
         )
+    # A Parameter held by two modules (tied weights, e.g. an output head sharing an embedding's table) is used in
+    # both, and neither module's hook sees the other's use: such parameters go to the general (JVP) path.
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        if _ghost_kind(m) is not None:
+            for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
+                if isinstance(p, nn.Parameter):
+                    owners[id(p)] = owners.get(id(p), 0) + 1
     layers, claimed = [], set()
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
@@ -121,8 +131,8 @@ def _plan(model: nn.Module, params) -> _Plan:
             continue
         w = getattr(m, "weight", None)
         b = getattr(m, "bias", None)
-        use_w = w is not None and id(w) in chosen_ids and id(w) not in claimed
-        use_b = isinstance(b, nn.Parameter) and id(b) in chosen_ids and id(b) not in claimed
+        use_w = w is not None and id(w) in chosen_ids and owners[id(w)] == 1
+        use_b = isinstance(b, nn.Parameter) and id(b) in chosen_ids and owners[id(b)] == 1
         if not (use_w or use_b):
             continue
         if kind == "embedding" and (m.scale_grad_by_freq or m.max_norm is not None):
@@ -484,7 +494,10 @@ def score(
         else:
             result = _score_pairwise(model, plan, record_fn, losses, target, n, dtype, chunk_size, reduce)
         if check:
-            _verify(plan, record_fn, model, result, target, reduce, single)
+            def fresh(m):  # records and target from a new forward: the scoring backward freed the joint graph
+                return split(record_loss(m)) if joint else (record_loss(m), target_loss(m))
+
+            _verify(plan, fresh, model, result, reduce, single)
     return result
 
 
@@ -556,22 +569,17 @@ def _score_pairwise(model, plan, record_fn, losses, target, n, dtype, chunk, red
     # Output gradients of the targets (per target, when target m depends on row m only) and of the records.
     t_grads = _grads_to_outputs(target, _with_calls(plan.layers, "target_calls"), retain=True)
     r_grads = _grads_to_outputs(losses, plan.layers, retain=True)
-    aligned = all(
-        x.shape[0] == m_targets
-        for layer, tg in zip(plan.layers, t_grads)
-        for (x, _), g in zip(layer.target_calls, tg)
-        if g is not None
-    )
-    if not aligned:
+    if not _one_row_per_target(target, plan.layers, t_grads):
         return _score_per_target(model, plan, record_fn, losses, target, r_grads, n, dtype, chunk, reduce)
 
     xa, ga, xb, gb, embeddings = [], [], [], [], []
+    names = {id(p): k for k, p in plan.params.items()}
     for layer, rg, tg in zip(plan.layers, r_grads, t_grads):
         if isinstance(layer.module, nn.Embedding):
             embeddings.append((layer, rg, tg))
             continue
-        if isinstance(layer.module, _CONV) and not _pairwise_ok(layer.module):
-            plan.generic.update({f"{layer.name}.{k}": p for k, p in zip(("weight", "bias"), _layer_params(layer))})
+        if isinstance(layer.module, _CONV) and not _pairwise_ok(layer.module):  # Conv3d, groups > 1: the JVP path
+            plan.generic.update({names[id(p)]: p for p in _layer_params(layer)})
             continue
         a = _layer_sides(layer, layer.calls, rg, n)
         b = _layer_sides(layer, layer.target_calls, tg, m_targets)
@@ -606,6 +614,28 @@ def _score_pairwise(model, plan, record_fn, losses, target, n, dtype, chunk, red
     if extra_needed:
         result = reference.reduce_sim(result, reduce)
     return result
+
+
+def _one_row_per_target(target: Tensor, layers: list[_Layer], t_grads) -> bool:
+    """Whether target m depends on row m of every scored call only, as the Gram path assumes (e.g. M log-probs of M
+    probe states). Equal row counts are not enough (a target may mix rows), so one extra backward of a random
+    combination w . target checks that each call's output gradient is w_row times that of sum(target), row by row."""
+    m_targets = target.shape[0]
+    calls = [(y, g) for layer, tg in zip(layers, t_grads) for (_, y), g in zip(layer.target_calls, tg) if g is not None]
+    if any(y.shape[0] != m_targets for y, _ in calls):
+        return False
+    if not calls:
+        return True
+    w = torch.rand(m_targets, generator=torch.Generator().manual_seed(0), dtype=torch.float64).add_(1.0)
+    w = w.to(dtype=target.dtype, device=target.device)
+    gw = torch.autograd.grad(target, [y for y, _ in calls], grad_outputs=w, retain_graph=True, allow_unused=True)
+    tol = 1e-9 if target.dtype == torch.float64 else 1e-4
+    for (_, g), h in zip(calls, gw):
+        expect = g * w.view((-1,) + (1,) * (g.dim() - 1))
+        h = torch.zeros_like(g) if h is None else h
+        if float((h - expect).abs().max()) > tol * max(float(expect.abs().max()), 1e-30):
+            return False
+    return True
 
 
 def _with_calls(layers: list[_Layer], attr: str) -> list[_Layer]:
@@ -692,16 +722,17 @@ def _score_per_target(model, plan, record_fn, losses, target, r_grads, n, dtype,
     return reference.reduce_sim(result, reduce)
 
 
-def _verify(plan, record_fn, model, result, target, reduce, single) -> None:
-    """sum_i score_i must equal <grad sum_i l_i, grad target> (exact identity, cheap): catches missed contributions."""
+def _verify(plan, fresh, model, result, reduce, single) -> None:
+    """sum_i score_i must equal <grad sum_i l_i, grad target> (exact identity, cheap): catches missed contributions.
+    `fresh(model) -> (record_losses, target)` runs a new forward."""
     if not single and reduce in ("max", "min"):
         return
     with torch.enable_grad():
-        out = record_fn(model)
+        out, target = fresh(model)
         ps = list(plan.params.values())
-        gl = torch.autograd.grad(out.sum(), ps, allow_unused=True)
-    t = target if target.dim() == 0 else (target.mean() if reduce == "mean" else target.sum())
-    gt = torch.autograd.grad(t, ps, allow_unused=True, retain_graph=True)
+        gl = torch.autograd.grad(out.sum(), ps, allow_unused=True, retain_graph=True)
+        t = target if target.dim() == 0 else (target.mean() if reduce == "mean" else target.sum())
+        gt = torch.autograd.grad(t, ps, allow_unused=True)
     expect = sum(float((a.double() * b.double()).sum()) for a, b in zip(gl, gt) if a is not None and b is not None)
     got = float(result.double().sum())
     scale = max(abs(expect), float(result.double().abs().sum()), 1e-30)

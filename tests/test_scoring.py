@@ -236,25 +236,119 @@ def test_large_n_chunks_and_materialised_layer():
         assert rel_err(fastattr.score(model, record_loss, target_each, chunk_size=chunk), exact) < 1e-10
 
 
-def test_non_aligned_targets_use_per_target_gradients():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_aligned_targets_use_per_target_gradients(kind, dtype):
     """M targets that are each a mean over several states (not one row per target) are still exact."""
-    model, x, y, adv, xt, yt = make_case("norm", 19, 12, torch.float64, seed=4)
+    model, x, y, adv, xt, yt = make_case(kind, 19, 12, dtype, seed=4)
     record_loss = closures(x, y, adv, xt, yt)[0]
 
     def grouped(m):
         l_ = -torch.log_softmax(m(xt), -1).gather(1, yt[:, None]).squeeze(1)
         return l_.view(3, 4).mean(1)  # M = 3 targets over 12 states
 
-    exact_each = brute_force(model, x, y, adv, xt, yt, [k for k, _ in model.named_parameters()], targets="each")
+    names = [k for k, _ in model.named_parameters()]
+    exact_each = brute_force(model.double(), x.double() if x.is_floating_point() else x, y, adv.double(),
+                             xt.double() if xt.is_floating_point() else xt, yt, names, targets="each")
     exact = exact_each.view(19, 3, 4).mean(2)
-    assert rel_err(fastattr.score(model, record_loss, grouped), exact) < 1e-10
+    model = model.to(dtype)
+    for reduce, ref in [("none", exact), ("max", exact.amax(1)), ("min", exact.amin(1))]:
+        assert rel_err(fastattr.score(model, record_loss, grouped, reduce=reduce), ref) < TOL[dtype], reduce
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_targets_that_mix_rows_are_not_taken_for_one_row_per_target(dtype):
+    """M targets over M rows where target m also depends on row m-1: same shapes as the Gram path's case, but each
+    target's gradient is not its own row's, so the per-target path must be used (it was silently wrong before)."""
+    model, x, y, adv, xt, yt = make_case("mlp", 15, 6, dtype, seed=8)
+    record_loss = closures(x, y, adv, xt, yt)[0]
+
+    def mixed(m):
+        l_ = -torch.log_softmax(m(xt), -1).gather(1, yt[:, None]).squeeze(1)
+        return l_ + 0.5 * l_.roll(1)
+
+    exact = brute_force(model.double(), x.double(), y, adv.double(), xt.double(), yt,
+                        [k for k, _ in model.named_parameters()], targets="each")
+    exact = exact + 0.5 * exact.roll(1, 1)
+    model = model.to(dtype)
+    assert rel_err(fastattr.score(model, record_loss, mixed), exact) < TOL[dtype]
+    assert rel_err(fastattr.score(model, record_loss, mixed, reduce="max"), exact.amax(1)) < TOL[dtype]
+
+
+class GroupedConvModel(nn.Module):  # convs the Gram path cannot pair (groups > 1, Conv3d) go through the JVP path
+    def __init__(self):
+        super().__init__()
+        self.g = nn.Conv2d(4, 6, 2, groups=2)
+        self.c3 = nn.Conv3d(1, 2, 2)
+        self.fc = nn.Linear(6 * 4 + 2 * 3 * 2 * 2, C)
+
+    def forward(self, x):  # x: [B, 4, 3, 3]
+        a = torch.tanh(self.g(x)).flatten(1)
+        b = torch.tanh(self.c3(x[:, None])).flatten(1)
+        return self.fc(torch.cat([a, b], 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("params", [None, ["g.bias"], ["c3.bias", "fc"], ["g.weight", "c3"]])
+def test_convs_without_a_gram_form_are_exact(params, dtype):
+    g = torch.Generator().manual_seed(9)
+    model = GroupedConvModel().double()
+    x, xt = torch.randn(11, 4, 3, 3, generator=g, dtype=torch.float64), torch.randn(5, 4, 3, 3, generator=g,
+                                                                                      dtype=torch.float64)
+    y, yt, adv = torch.randint(0, C, (11,), generator=g), torch.randint(0, C, (5,), generator=g), torch.randn(
+        11, generator=g, dtype=torch.float64)
+    names = [k for k, _ in model.named_parameters()
+             if params is None or any(k == p or k.startswith(p + ".") for p in params)]
+    exact = brute_force(model, x, y, adv, xt, yt, names, targets="each")
+    model, x, xt, adv = model.to(dtype), x.to(dtype), xt.to(dtype), adv.to(dtype)
+    record_loss, target_mean, target_each = closures(x, y, adv, xt, yt)
+    assert rel_err(fastattr.score(model, record_loss, target_each, params=params), exact) < TOL[dtype]
+    assert rel_err(fastattr.score(model, record_loss, target_mean, params=params), exact.mean(1)) < TOL[dtype]
+
+
+class TiedModel(nn.Module):  # an output head sharing the embedding's table (tied weights)
+    def __init__(self, vocab=C, d=6):
+        super().__init__()
+        self.emb, self.mid = nn.Embedding(vocab, d), nn.Linear(d, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mid(self.emb(tokens))))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_tied_weights_count_every_use(dtype):
+    """A Parameter held by two modules is scored through both uses (no module hook sees the other's use)."""
+    g = torch.Generator().manual_seed(10)
+    model = TiedModel().double()
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=g, dtype=torch.float64)
+    x, xt = torch.randint(0, C, (13,), generator=g), torch.randint(0, C, (4,), generator=g)
+    y, yt, adv = torch.randint(0, C, (13,), generator=g), torch.randint(0, C, (4,), generator=g), torch.randn(
+        13, generator=g, dtype=torch.float64)
+    names = [k for k, _ in model.named_parameters()]
+    exact = brute_force(model, x, y, adv, xt, yt, names, targets="each")
+    model, adv = model.to(dtype), adv.to(dtype)
+    record_loss, target_mean, target_each = closures(x, y, adv, xt, yt)
+    assert rel_err(fastattr.score(model, record_loss, target_mean), exact.mean(1)) < TOL[dtype]
+    assert rel_err(fastattr.score(model, record_loss, target_each), exact) < TOL[dtype]
+    assert rel_err(fastattr.score(model, record_loss, target_each, params=["emb"]), brute_force(
+        model.double(), x, y, adv.double(), xt, yt, ["emb.weight"], targets="each")) < TOL[dtype]
 
 
 def test_dtype_option_runs_contractions_in_float64():
+    """float32 model, float64 contractions: float64 scores, as exact as the float32 passes allow."""
     model, x, y, adv, xt, yt = make_case("mlp", 17, 5, torch.float32, seed=5)
-    record_loss, target_mean, _ = closures(x, y, adv, xt, yt)
+    record_loss, target_mean, target_each = closures(x, y, adv, xt, yt)
+    names = [k for k, _ in model.named_parameters()]
+    exact = brute_force(model.double(), x.double(), y, adv.double(), xt.double(), yt, names, targets="each")
+    model = model.float()
     got = fastattr.score(model, record_loss, target_mean, dtype=torch.float64)
     assert got.dtype == torch.float64
+    assert rel_err(got, exact.mean(1)) < TOL[torch.float32]
+    got_m = fastattr.score(model, record_loss, target_each, dtype=torch.float64)
+    assert got_m.dtype == torch.float64 and rel_err(got_m, exact) < TOL[torch.float32]
 
 
 def test_check_catches_weight_used_outside_its_module():
@@ -276,6 +370,26 @@ def test_check_passes_on_a_correct_model():
     record_loss, target_mean, target_each = closures(x, y, adv, xt, yt)
     fastattr.score(model, record_loss, target_mean, check=True)
     fastattr.score(model, record_loss, target_each, check=True)
+
+
+def test_check_in_the_joint_form():
+    """check=True with (records, target) from one forward (the PPO form): passes on a correct model, and still
+    catches a weight used outside its module."""
+    model, x, y, adv, _, _ = make_case("mlp", 21, 1, torch.float64, seed=7)
+
+    def both(m):
+        logp = torch.log_softmax(m(x), -1).gather(1, y[:, None]).squeeze(1)
+        return -adv * logp, -(adv * logp).mean()
+
+    assert rel_err(fastattr.score(model, both, check=True), fastattr.score(model, both)) == 0.0
+
+    def outside(m):
+        logits = m(x) + F.linear(torch.tanh(m.l3(F.gelu(m.l2(torch.tanh(m.l1(x)))))), m.l4.weight)
+        logp = torch.log_softmax(logits, -1).gather(1, y[:, None]).squeeze(1)
+        return -adv * logp, -(adv * logp).mean()
+
+    with pytest.raises(RuntimeError, match="used outside the module"):
+        fastattr.score(model, outside, check=True)
 
 
 def test_topk_and_select():
