@@ -327,15 +327,15 @@ def test_int64_indexing(op):
     if op.startswith("grad_dot"):
         target = torch.randn(g.shape[1], d_in, device="cuda", dtype=torch.bfloat16, generator=gen)
         out = kernel("grad_dot")(x, g, target, None)
-        ref = lambda s: reference.grad_dot(x[s].float(), g[s].float(), target.float())  # noqa: E731
+        ref = lambda s: reference.grad_dot(x[s].double(), g[s].double(), target.double())  # noqa: E731
     elif op == "grad_norm":
         out = kernel(op)([x], [g])
-        ref = lambda s: reference.grad_norm([x[s].float()], [g[s].float()])  # noqa: E731
+        ref = lambda s: reference.grad_norm([x[s].double()], [g[s].double()])  # noqa: E731
     else:
         xb, gb = x[-37:].clone(), g[-37:].clone()
         out = kernel(op)([x], [g], [xb], [gb], "max", 0.0)
-        ref = lambda s: reference.grad_sim_reduce([x[s].float()], [g[s].float()], [xb.float()], [gb.float()],  # noqa
-                                                  "max")
+        ref = lambda s: reference.grad_sim_reduce([x[s].double()], [g[s].double()], [xb.double()],  # noqa: E731
+                                                  [gb.double()], "max")
     for s in (slice(0, 1024), slice(n - 1024, n)):  # the first rows and the rows past 2^31 elements
         want = ref(s)
-        torch.testing.assert_close(out[s], want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        torch.testing.assert_close(out[s].double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

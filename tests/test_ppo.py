@@ -99,6 +99,20 @@ def test_score_buffer_extra_targets_hook():
     both = ppo.score_buffer(agent, obs, act, adv, adv, extra_targets=lambda m: -m.log_prob(probe_obs, probe_act))
     assert both.shape == (40, 3)
     torch.testing.assert_close(both[:, 0], base, rtol=1e-5, atol=1e-7)
+    # the probe columns against per-sample gradients: <grad l_i, grad(-log pi(a_m | s_m))> over the actor
+    params = {k: v.detach() for k, v in agent.named_parameters()}
+    actor = {k: v for k, v in params.items() if ppo.Agent.is_actor_param(k)}
+
+    def logp(pa, o, a):
+        return functional_call(agent, {**params, **pa}, (o.unsqueeze(0), a.unsqueeze(0))).squeeze(0)
+
+    def flat(o, a):
+        per = vmap(grad(logp), in_dims=(None, 0, 0))(actor, o, a)
+        return torch.cat([per[k].reshape(len(o), -1) for k in actor], 1).double()
+
+    expected = (-adv.double()[:, None] * flat(obs, act)) @ (-flat(probe_obs, probe_act)).T
+    err = (both[:, 1:].double() - expected).abs().max() / expected.abs().max()
+    assert err < 1e-5, err
     one = ppo.score_buffer(agent, obs, act, adv, probe_act.new_zeros(40).float(),
                            extra_targets=lambda m: -m.log_prob(probe_obs[1:], probe_act[1:]))
     torch.testing.assert_close(one[:, 1], both[:, 2], rtol=1e-5, atol=1e-7)

@@ -42,7 +42,7 @@ def test_train_subprocess_smoke(tmp_path):
     (["--env-id", "CartPole-v1", "--preset", "paper"], "no paper preset"),
     (["--env-id", "CartPole-v1", "--env-kwargs", "[1]"], "JSON object"),
 ])
-def test_train_bad_flags_exit_2(tmp_path, argv, match):
+def test_train_bad_flags_exit_2(tmp_path, capsys, argv, match):
     r = experiments.main_train([*argv, "--run-dir", str(tmp_path / "r"), "--no-progress"]) if "[1]" not in argv \
         else None
     if r is None:
@@ -51,6 +51,7 @@ def test_train_bad_flags_exit_2(tmp_path, argv, match):
         assert e.value.code == 2
     else:
         assert r == 2
+    assert match in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 
