@@ -7,15 +7,19 @@ DEPS := numpy "gymnasium[box2d]>=1.0" minigrid highway-env pytest pybind11 ninja
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp)
 PYTEST_ARGS ?=
 
-.PHONY: all venv build demo test test-all info clean
+.PHONY: all venv build demo test test-all info clean FORCE
 
 all: build
 
-$(VENV)/.deps: pyproject.toml
+# The venv records the torch it was made with ($(VENV)/.torch): another TORCH= reinstalls torch and the extension.
+TORCH_CHANGED := $(if $(filter-out $(TORCH),$(shell cat $(VENV)/.torch 2>/dev/null)),FORCE)
+
+$(VENV)/.deps: pyproject.toml $(TORCH_CHANGED)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q "$(TORCH)"
 	$(VENV)/bin/pip install -q $(DEPS)
+	echo "$(TORCH)" > $(VENV)/.torch
 	touch $@
 
 venv: $(VENV)/.deps
@@ -60,6 +64,8 @@ $(CUDA_VENV)/.deps:
 	touch $@
 
 build/cuda/.built: $(CUDA_VENV)/.deps $(CUDA_SRC)
+	@test -x $(CUDA_HOME)/bin/nvcc || { echo "make cuda-build: no $(CUDA_HOME)/bin/nvcc;" \
+	  "install the CUDA 13 toolkit (torch 2.14.1 is cu130) or pass CUDA_HOME=/path/to/cuda" >&2; exit 1; }
 	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" FASTATTR_FORCE_CUDA=1 MAX_JOBS=2 \
 	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-lib build/cuda/lib --build-temp build/cuda/tmp
 	cp fastattr/*.py build/cuda/lib/fastattr/

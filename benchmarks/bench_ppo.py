@@ -5,8 +5,8 @@
    per LunarLander round (Table 5).
 2. Loop speed, measured side by side in one process (implementations interleaved, repeated, medians):
    fastattr.ppo (method ppo and iif) vs a minimal CleanRL-style loop (torch.distributions, nn.Module calls, the
-   same config) vs Stable-Baselines3 PPO (if installed: pip install -e '.[bench]'). Goal: >= the CleanRL-style loop,
-   >= 3x SB3. SB3 clips gradients at 0.5 (its default; the paper's patched copy does not), a negligible cost here.
+   same config) vs Stable-Baselines3 PPO (if installed: .venv/bin/pip install stable-baselines3). Goal: >= the
+   CleanRL-style loop, >= 3x SB3. SB3 clips gradients at 0.5 (its default; the paper's patched copy does not), a negligible cost here.
 
     python benchmarks/bench_ppo.py [--rounds 3] [--reps 3]
 One torch thread everywhere (as fastattr.ppo runs its passes). Appends a JSON line to benchmarks/results/.
@@ -221,7 +221,7 @@ def main() -> None:
 
             impls["sb3"] = SB3
         except ImportError:
-            print("stable-baselines3 not installed (pip install -e '.[bench]'): skipping the SB3 row")
+            print("stable-baselines3 not installed (.venv/bin/pip install stable-baselines3): skipping the SB3 row")
     runners = {name: make() for name, make in impls.items()}
     for r in runners.values():  # warm-up round (first-call overheads, env construction)
         r.round()

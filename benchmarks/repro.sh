@@ -4,7 +4,7 @@
 # $OUT/<env>/ (runs/ is gitignored). Resumable: run it again to continue; finished runs are skipped and a killed
 # run resumes from its last round, bit-identically.
 #
-#   JOBS=2 nohup setsid benchmarks/repro.sh >> runs/repro/repro.log 2>&1 &
+#   mkdir -p runs/repro && JOBS=2 nohup setsid benchmarks/repro.sh >> runs/repro/repro.log 2>&1 &
 #
 # highway: highway-fast-v0 stands in for highway-v0 (~23 env steps/s here, ~2.5 h per run; fast: ~100/s).
 # Each env's summary (SE_ave, SE_peak, RT_peak, final-return gain) lands in $OUT/<env>/summary.{md,json}.

@@ -156,7 +156,7 @@ def compare_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0-4", help="seeds: '0-4' or '0,3,7'")
     p.add_argument("--methods", default="ppo,iif,random", help="comma-separated: ppo, iif, iif-all-neg, random")
     p.add_argument("--out", required=True, help="output dir (runs under OUT/runs/<method>_s<seed>/)")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (default: cores)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (the number of cores)")
     p.add_argument("--baseline", default="ppo", help="method the others are measured against")
     p.add_argument("--aggregate-only", action="store_true", help="do not run anything; summarise what exists")
     return p

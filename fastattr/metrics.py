@@ -251,9 +251,9 @@ def _pct(d: dict) -> str:
 def to_markdown(summary: dict, title: str = "") -> str:
     base = summary["baseline"]
     lines = [f"# {title}" if title else "# Comparison", ""]
-    lines.append(f"Against `{base}`, paired by seed; mean ± s.e. over seeds (PAPER.md §5 definitions, see "
-                 "fastattr/metrics.py). RT_peak (opt) counts optimisation + influence time only, as the paper's "
-                 "Table 5; RT_peak (train) counts the full training wall-clock (rollouts too, evaluation excluded); "
+    lines.append(f"Against `{base}`, paired by seed; mean ± s.e. over seeds (the definitions of §5 of Hu et al., "
+                 "NeurIPS 2025; see fastattr/metrics.py). RT_peak (opt) counts optimisation + influence time only, as "
+                 "the paper's Table 5; RT_peak (train) counts the full training wall-clock (rollouts too, evaluation excluded); "
                  "RT_peak (opt. steps) counts optimiser steps, which no other process's load can move. SE_ave averages "
                  "over standard PPO's record highs, SE_ave (grid) over 20 evenly spaced returns up to its peak.")
     lines.append("")

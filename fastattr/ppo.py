@@ -1044,7 +1044,7 @@ def _main(args: Args) -> dict:
         start_round = 0
         if metrics_file.exists():
             metrics_file.unlink()  # killed before its first checkpoint: start over
-        rec = {"round": 0, "global_step": 0, "kept_fraction": None}
+        rec = {"round": 0, "global_step": 0, "kept_fraction": None, "eval_return": None}
         t0 = time.perf_counter()
         if eval_envs is not None:
             rec.update(evaluate(agent, eval_envs, args.eval_episodes, args.seed, 0))
