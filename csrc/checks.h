@@ -124,7 +124,11 @@ inline at::Tensor sim_output(const LayerLists& L, Reduce reduce, bool& done) {
   auto opts = L.xa[0].options().dtype(score_dtype(L.xa[0].scalar_type()));
   at::Tensor out = reduce == Reduce::None ? at::empty({n, m}, opts) : at::empty({n}, opts);
   done = n == 0 || m == 0;
-  if (m == 0 && n > 0 && reduce != Reduce::None) {
+  // a float32 count stops growing at 2^24: refuse rather than return a wrong count
+  TORCH_CHECK(reduce != Reduce::CountGt || opts.dtype() == at::kDouble || m <= (int64_t{1} << 24),
+              "grad_sim_reduce: reduce='count_gt' over M=", m, " > 2^24 targets needs float64 inputs (a float32 count "
+              "is exact only up to 2^24)");
+  if (m == 0 && reduce != Reduce::None) {
     TORCH_CHECK(reduce == Reduce::Sum || reduce == Reduce::CountGt, "grad_sim_reduce: reduce='", reduce_name(reduce),
                 "' over M=0 targets is undefined");
     out.zero_();

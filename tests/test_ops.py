@@ -56,7 +56,37 @@ def test_zero_records_and_zero_targets():
     assert torch.ops.fastattr.grad_sim_reduce([y], [h], [x], [g], "sum", 0.0).eq(0).all()
     with pytest.raises(RuntimeError, match="M=0"):
         torch.ops.fastattr.grad_sim_reduce([y], [h], [x], [g], "max", 0.0)
+    with pytest.raises(RuntimeError, match="M=0"):  # as the reference, also with N = 0
+        torch.ops.fastattr.grad_sim_reduce([x], [g], [x], [g], "mean", 0.0)
     assert torch.ops.fastattr.grad_norm([x], [g]).shape == (0,)
+
+
+@pytest.mark.parametrize("t,s", [(0, 2), (3, 0), (0, 0)])
+def test_grad_sim_reduce_layer_with_no_positions(t, s):
+    """A layer with T = 0 (or S = 0) positions adds nothing; the other layer's Gram still counts."""
+    k = kernel("grad_sim_reduce")
+    xa0, ga0 = make_layer(6, t, 4, 3, torch.float64, seed=1)
+    xb0, gb0 = make_layer(5, s, 4, 3, torch.float64, seed=2)
+    xa1, ga1 = make_layer(6, 2, 3, 2, torch.float64, seed=3)
+    xb1, gb1 = make_layer(5, 1, 3, 2, torch.float64, seed=4)
+    for reduce in ("none", "sum", "max"):
+        want = reference.grad_sim_reduce([xa0, xa1], [ga0, ga1], [xb0, xb1], [gb0, gb1], reduce)
+        got = k([xa0, xa1], [ga0, ga1], [xb0, xb1], [gb0, gb1], reduce, 0.0)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_count_gt_compares_in_the_score_dtype():
+    """float32 scores are compared with float32(threshold), as torch compares `sim > threshold`: 0.1f > 0.1 in double
+    but not in float32."""
+    k = kernel("grad_sim_reduce")
+    one = torch.ones(1, 1)
+    args = ([one], [torch.full((1, 1), 0.1)], [one], [one])
+    assert k(*args, "count_gt", 0.1).item() == reference.grad_sim_reduce(*args, "count_gt", 0.1).item() == 0.0
+    assert k(*args, "count_gt", 0.0999).item() == 1.0
+    many = torch.zeros(2**24 + 1, 1)
+    with pytest.raises(RuntimeError, match="2\\^24"):  # a float32 count is exact only up to 2^24
+        k([one], [one], [many], [many], "count_gt", 0.0)
+    assert k([one.double()], [one.double()], [many.double()], [many.double()], "count_gt", -1.0).item() == 2**24 + 1
 
 
 def test_non_contiguous_inputs():

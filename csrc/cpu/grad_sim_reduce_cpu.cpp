@@ -25,6 +25,7 @@ void fold_tile(const at::Tensor& tile, Reduce reduce, double threshold, int64_t 
                scalar_t* out, bool first) {
   const int64_t rows = tile.size(0), cols = tile.size(1);
   const scalar_t* tp = tile.data_ptr<scalar_t>();
+  const auto thr = static_cast<scalar_t>(threshold);  // compared in the score dtype, as torch compares sim > threshold
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = tp + r * cols;
     if (reduce == Reduce::None) {
@@ -40,7 +41,7 @@ void fold_tile(const at::Tensor& tile, Reduce reduce, double threshold, int64_t 
         // NaN propagates like torch.amax / amin (std::max would drop it)
         case Reduce::Max: acc = (row[c] > acc || std::isnan(row[c])) && !std::isnan(acc) ? row[c] : acc; break;
         case Reduce::Min: acc = (row[c] < acc || std::isnan(row[c])) && !std::isnan(acc) ? row[c] : acc; break;
-        case Reduce::CountGt: acc += row[c] > threshold ? scalar_t(1) : scalar_t(0); break;
+        case Reduce::CountGt: acc += row[c] > thr ? scalar_t(1) : scalar_t(0); break;
         default: acc += row[c];
       }
     }
@@ -84,10 +85,11 @@ at::Tensor grad_sim_reduce_cpu(at::TensorList xa, at::TensorList ga, at::TensorL
           at::Tensor tile;
           for (size_t l = 0; l < xa_c.size(); ++l) {
             const int64_t t = xa_c[l].size(1), s = xb_t[l].size(1);
-            auto x_a = xa_c[l].slice(0, r0, r1).reshape({ra * t, -1});
-            auto g_a = ga_c[l].slice(0, r0, r1).reshape({ra * t, -1});
-            auto x_b = xb_t[l].slice(0, c0, c1).reshape({cb * s, -1});
-            auto g_b = gb_t[l].slice(0, c0, c1).reshape({cb * s, -1});
+            // explicit widths: with T = 0 or S = 0 positions a -1 would be ambiguous (the layer then adds 0)
+            auto x_a = xa_c[l].slice(0, r0, r1).reshape({ra * t, xa_c[l].size(2)});
+            auto g_a = ga_c[l].slice(0, r0, r1).reshape({ra * t, ga_c[l].size(2)});
+            auto x_b = xb_t[l].slice(0, c0, c1).reshape({cb * s, xb_t[l].size(2)});
+            auto g_b = gb_t[l].slice(0, c0, c1).reshape({cb * s, gb_t[l].size(2)});
             auto h = hadamard_pool(at::mm(x_a, x_b.t()), at::mm(g_a, g_b.t()), ra, t, cb, s);
             tile = tile.defined() ? tile.add_(h) : h.contiguous();
           }

@@ -91,7 +91,7 @@ __host__ __device__ inline acc_t reduce_fold(int op, acc_t state, acc_t v, doubl
   switch (op) {
     case kMax: return nan_max(state, v);
     case kMin: return nan_min(state, v);
-    case kCountGt: return state + (static_cast<double>(v) > threshold ? acc_t(1) : acc_t(0));
+    case kCountGt: return state + (v > static_cast<acc_t>(threshold) ? acc_t(1) : acc_t(0));  // in acc_t, as torch
     default: return state + v;
   }
 }
