@@ -132,8 +132,8 @@ class ReplayableEnv(gym.Wrapper):
         else:
             self.env.unwrapped.np_random.bit_generator.state = json.loads(value)
             obs, _ = self.reset()
-        for a in actions:
-            obs, *_ = self.step(a)
+        for a in actions:  # a[()]: a 0-d array back to the numpy scalar the vector env passed (FrozenLake's dict lookup)
+            obs, *_ = self.step(a[()])
         return obs
 
 
