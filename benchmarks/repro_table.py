@@ -42,18 +42,23 @@ def gain(d: dict | None) -> str:
 def rows(summary: dict) -> list[str]:
     env = summary["env_id"]
     methods = summary["methods"]
-    base = methods[summary.get("baseline", "ppo")]
+    base_name = summary.get("baseline", "ppo")
+    base = methods[base_name]
     out = []
     if env in PAPER:
         se_ave, se_peak, rt, rt5, ci = PAPER[env]
         out.append(f"| {env} | paper (IIF, best p{PAPER_NOTE.get(env, '')}) | 5 | {se_ave} | | {se_peak} | "
                    f"{rt} (Table 5: {rt5}) | | | | {ci} | |")
     for name, m in methods.items():
-        if name == summary.get("baseline", "ppo"):
+        if name == base_name:
             continue
         cells = [pct(m.get(c)) for c in COLUMNS]
-        finals = f"{base['final_return']['mean']:.3g} / {m['final_return']['mean']:.3g}"
-        out.append(f"| {env} | {name} | {len(m['seeds'])} | " + " | ".join(cells)
+        paired = m.get("final_return_paired")  # the same seeds on both sides (older summaries: each method's own)
+        b_final, m_final = (paired[base_name]["mean"], paired[name]["mean"]) if paired else (
+            base["final_return"]["mean"], m["final_return"]["mean"])
+        finals = f"{b_final:.3g} / {m_final:.3g}"
+        n_seeds = len(m["final_gain"]["seeds"]) if "final_gain" in m else len(m["seeds"])  # paired with the baseline
+        out.append(f"| {env} | {name} | {n_seeds} | " + " | ".join(cells)
                    + f" | {finals} | {gain(m.get('final_gain'))} | {m.get('censored_levels', 0)} |")
     return out
 

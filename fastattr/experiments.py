@@ -179,15 +179,23 @@ def main_compare(argv: list[str] | None = None) -> int:
         # validate the pass-through flags once, before launching anything
         tp = train_parser("fastattr compare (train flags)")
         given = vars(tp.parse_args(rest + ["--env-id", opts.env_id]))
-        ppo.validate_args(build_args({**given, "method": methods[0], "run_dir": os.path.join(opts.out, "_check")}))
+        checked = build_args({**given, "method": methods[0], "run_dir": os.path.join(opts.out, "_check")})
+        ppo.validate_args(checked)
+        if {"random", "iif-all-neg"} <= set(methods) and checked.p < 1:
+            print(f"compare: note: `random` drops as many records as `iif` at --p {checked.p}, not as `iif-all-neg`; "
+                  "for a same-size control of iif-all-neg run it with --p 1", file=sys.stderr)
+        out = Path(opts.out)
+        # seed-major order: with --jobs 1 the paired comparisons (ppo vs iif of one seed) complete early
+        runs = {(m, s): out / "runs" / f"{m}_s{s}" for s in seeds for m in methods}
+        other = [] if opts.aggregate_only else runs_with_other_settings(runs, given)
+        if other:
+            raise ValueError(f"--out {out} holds runs trained with other settings: {'; '.join(other)}. Pass the flags "
+                             "they were run with, or choose another --out. Nothing was run.")
     except ValueError as e:
         print(f"fastattr compare: error: {e}", file=sys.stderr)
         return 2
 
-    out = Path(opts.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    # seed-major order: with --jobs 1 the paired comparisons (ppo vs iif of one seed) complete early
-    runs = {(m, s): out / "runs" / f"{m}_s{s}" for s in seeds for m in methods}
     failed = []
     if not opts.aggregate_only:
         todo = [(m, s) for (m, s), d in runs.items() if not run_finished(d)]
@@ -217,6 +225,19 @@ def main_compare(argv: list[str] | None = None) -> int:
     if paths:
         print("\n".join(f"wrote {p}" for p in paths))
     return 1 if failed else 0
+
+
+def runs_with_other_settings(runs: dict[tuple[str, int], Path], given: dict) -> list[str]:
+    """Existing runs whose args.json differs from what compare would pass them, as 'dir (differences)'. A finished
+    run is skipped rather than resumed, so `train` never gets to check it."""
+    other = []
+    for (m, s), d in runs.items():
+        if (d / "args.json").exists():
+            now = ppo.semantic_args(build_args({**given, "method": m, "seed": s, "run_dir": str(d)}))
+            diff = ppo.args_differences(ppo.recorded_args(d), now)
+            if diff:
+                other.append(f"{d} ({diff})")
+    return other
 
 
 def aggregate(out: Path, env_id: str, methods: list[str], seeds: list[int], baseline: str = "ppo") -> list[Path]:

@@ -237,6 +237,10 @@ def summarize(curves: dict[str, dict[int, Curve]], baseline: str = "ppo", conf: 
             entry["peak_censored_seeds"] = [s for s, d in per_seed.items() if d["peak_censored"]]
             entry["per_seed"] = {str(s): d for s, d in per_seed.items()}
             entry["final_gain"] = final_gain(finals[baseline], finals[method], conf)
+            paired = entry["final_gain"]["seeds"]  # both final returns over the same seeds (final_return: own seeds)
+            entry["final_return_paired"] = {
+                name: dict(zip(("mean", "se", "n"), mean_se([finals[name][s] for s in paired])))
+                for name in (baseline, method)}
         out["methods"][method] = entry
     return out
 

@@ -808,6 +808,21 @@ def semantic_args(args: Args) -> dict:
     return {k: v for k, v in asdict(args).items() if k not in NON_SEMANTIC}
 
 
+def recorded_args(run_dir) -> dict:
+    """A run's args.json, with the default filled in for every option added after that run started (absent from
+    its args.json: it ran with the option's default)."""
+    theirs = json.loads((Path(run_dir) / "args.json").read_text())
+    defaults = {f.name: f.default_factory() if f.default is MISSING else f.default
+                for f in fields(Args) if f.name not in NON_SEMANTIC}
+    return {**{k: v for k, v in defaults.items() if k not in theirs}, **theirs}
+
+
+def args_differences(recorded: dict, now: dict) -> str:
+    """'' when two semantic-args dicts agree, else 'name: X there vs Y now, ...'."""
+    keys = sorted(k for k in set(recorded) | set(now) if recorded.get(k) != now.get(k))
+    return ", ".join(f"{k}: {recorded.get(k)!r} there vs {now.get(k)!r} now" for k in keys)
+
+
 def checkpoint_path(run_dir) -> Path:
     return Path(run_dir) / "checkpoints" / "latest.pt"
 
@@ -830,14 +845,9 @@ def prepare_run_dir(args: Args) -> tuple[Path, dict | None]:
         run_dir.mkdir(parents=True, exist_ok=True)
     lock_run_dir(run_dir)  # before reading or writing anything in it: a second process stops here
     if args_file.exists():
-        theirs = json.loads(args_file.read_text())
-        # an option added after that run started is absent from its args.json: it ran with the option's default
-        theirs = {**{f.name: f.default_factory() if f.default is MISSING else f.default
-                     for f in fields(Args) if f.name in mine and f.name not in theirs}, **theirs}
-        diff = {k: (theirs.get(k), mine[k]) for k in sorted(set(mine) | set(theirs)) if theirs.get(k) != mine.get(k)}
+        diff = args_differences(recorded_args(run_dir), mine)
         if diff:
-            lines = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, a, b in ((k, *d) for k, d in diff.items()))
-            raise RunDirError(f"run dir {run_dir} holds another run ({lines}); choose another --run-dir, or pass "
+            raise RunDirError(f"run dir {run_dir} holds another run ({diff}); choose another --run-dir, or pass "
                               "the same arguments to --resume it. Nothing was changed.")
         if not args.resume:
             raise RunDirError(f"run dir {run_dir} already holds this run; pass --resume to continue it, or choose "

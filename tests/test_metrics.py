@@ -131,6 +131,12 @@ def test_repro_table_rows_come_from_the_summary(tmp_path):
     assert "| 2 / 2.5 | +0.5 [" in rows[1]
     with pytest.raises(SystemExit):  # an empty root is an error naming --root, not an empty table
         table.main(["--root", str(tmp_path / "nothing")])
+    # a seed the method has not finished yet: the finals on both sides are over the paired seeds only
+    curves["ppo"][2] = curve([0, 1, 9])
+    s = {**metrics.summarize(curves), "env_id": "Acrobot-v1"}
+    assert s["methods"]["ppo"]["final_return"]["mean"] == pytest.approx(13 / 3)
+    assert s["methods"]["iif"]["final_return_paired"]["ppo"] == {"mean": 2.0, "se": 0.0, "n": 2}
+    assert "| Acrobot-v1 | iif | 2 |" in table.rows(s)[1] and "| 2 / 2.5 | +0.5 [" in table.rows(s)[1]
 
 
 def test_update_phases_by_hand():

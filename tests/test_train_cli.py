@@ -93,6 +93,14 @@ def test_compare_skips_finished_runs_and_rejects_bad_methods(tmp_path, capsys):
     assert experiments.main_compare(["--env-id", "CartPole-v1", "--methods", "ppo,best", "--out", str(out)]) == 2
     assert "--methods" in capsys.readouterr().err
     assert experiments.main_compare(argv + ["--seed", "3"]) == 2
+    capsys.readouterr()
+    # finished runs trained with other settings are never paired with new ones: refused before anything runs
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert experiments.main_compare(argv + ["--learning-rate", "0.05", "--seeds", "0-1"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and f"learning_rate: {ppo.Args().learning_rate!r} there vs 0.05 now" in err and "ppo_s0" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not (out / "runs" / "ppo_s1").exists()
 
 
 def test_demo_prints_where_the_plot_and_summary_are(tmp_path, capsys):
