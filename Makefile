@@ -69,7 +69,7 @@ build/cuda/.built: $(CUDA_VENV)/.deps $(CUDA_SRC)
 	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" FASTATTR_FORCE_CUDA=1 MAX_JOBS=2 \
 	  $(CUDA_VENV)/bin/python setup.py -q build_ext --build-lib build/cuda/lib --build-temp build/cuda/tmp
 	cp fastattr/*.py build/cuda/lib/fastattr/
-	cd build/cuda/lib && ../../../$(CUDA_VENV)/bin/python -c "import torch, fastattr; from fastattr import ops; \
+	cd build/cuda/lib && $(abspath $(CUDA_VENV))/bin/python -c "import torch, fastattr; from fastattr import ops; \
 	  missing = [op for op in ops.OPS if not ops.has_kernel(op, 'cuda')]; \
 	  print('fastattr CUDA build: cuda_version', ops.cuda_version(), 'torch', torch.__version__, 'missing', missing); \
 	  assert not missing and ops.cuda_version() > 0"
