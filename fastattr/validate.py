@@ -21,6 +21,7 @@ Writes <run>/validate_r<rounds>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -93,7 +94,7 @@ def validate_round(run, args, k: int, lrs: list[float], frac: float, n_subsets: 
     reproduction = float(np.abs(scores - saved).max() / max(np.abs(saved).max(), 1e-30))
     sets = subsets(scores, max(1, int(round(frac * n))), n_subsets, _seed(seed, k))
     state0 = {key: v.clone() for key, v in agent0.state_dict().items()}
-    opt_state0 = opt0.state_dict()
+    opt_state0 = copy.deepcopy(opt0.state_dict())  # state_dict() holds references to the live moments
     gen = torch.Generator().manual_seed(_seed(seed, k, 0x0D3E))
     orders = [torch.randperm(n, generator=gen) for _ in range(args.n_epochs)]
 
@@ -103,7 +104,8 @@ def validate_round(run, args, k: int, lrs: list[float], frac: float, n_subsets: 
             sgd_step(agent0, buf, adv_record, keep, lr)
         else:
             opt = ppo.make_optimizer(agent0, dataclasses.replace(args, learning_rate=lr))
-            opt.load_state_dict(opt_state0)
+            opt.load_state_dict(copy.deepcopy(opt_state0))  # load_state_dict keeps references: Adam would carry
+            # its moments and step count from one retrain to the next
             for group in opt.param_groups:
                 group["lr"] = lr
             ppo_updates(agent0, opt, buf, keep, args, orders)

@@ -74,6 +74,24 @@ def test_first_order_prediction_matches_one_sgd_step(run):
         assert 0.9 < s["slope"] < 1.1, s
 
 
+def test_validate_retrains_each_start_from_the_saved_optimizer_state(tmp_path, monkeypatch):
+    """Adam at k >= 1: every retrain (reference and each subset) starts from θ(k)'s saved moments and step count;
+    optimiser state must not carry over from one retrain to the next."""
+    adam = train_tiny(tmp_path / "adam", rounds=2, optimizer="adam", learning_rate=3e-4)
+    starts, real = [], validate.ppo_updates
+
+    def spy(agent, optimizer, *a):
+        state = list(optimizer.state.values())
+        starts.append((float(state[0]["step"]), float(state[0]["exp_avg"].abs().sum())))
+        real(agent, optimizer, *a)
+
+    monkeypatch.setattr(validate, "ppo_updates", spy)
+    run_ = runinfo.load_run(adam)
+    validate.validate_round(run_, runinfo.ppo_args(run_), 1, lrs=[1e-3], frac=0.2, n_subsets=3, modes=("ppo",))
+    assert len(starts) == 1 + 2 * 3 and starts[0][0] > 0  # the reference, then 3 random and 3 ranked subsets
+    assert all(s == starts[0] for s in starts), starts
+
+
 def test_validate_cli_ppo_mode(run, capsys):
     assert validate.main([str(run), "--round", "1", "--lrs", "1e-3", "--subsets", "4", "--modes", "ppo",
                           "--no-progress"]) == 0
