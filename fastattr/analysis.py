@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
+from scipy.spatial.distance import pdist, squareform
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Monte Carlo returns and advantages
@@ -199,9 +200,7 @@ def roughness(scores, embeddings, n_neighbors: int = 20, sigma: float | None = N
         return Roughness(float("nan"), p, float("nan"), 0)
     i_tilde = s[pos] / s[pos].max()
     x = e[pos]
-    sq = np.maximum((x * x).sum(1)[:, None] + (x * x).sum(1)[None, :] - 2.0 * x @ x.T, 0.0)
-    np.fill_diagonal(sq, 0.0)
-    dist = np.sqrt(sq)
+    dist = squareform(pdist(x))  # exact zeros for identical states (the Gram expansion leaves ~1e-7 there)
     if sigma is None:
         iu = np.triu_indices(p, 1)
         d = dist[iu]
@@ -216,7 +215,7 @@ def roughness(scores, embeddings, n_neighbors: int = 20, sigma: float | None = N
     adj[np.repeat(np.arange(p), u), nn.reshape(-1)] = True
     adj |= adj.T
     iu, ju = np.nonzero(np.triu(adj, 1))
-    w = np.exp(-sq[iu, ju] / (2.0 * sigma * sigma))
+    w = np.exp(-dist[iu, ju] ** 2 / (2.0 * sigma * sigma))
     wsum = w.sum()
     value = float((w * (i_tilde[iu] - i_tilde[ju]) ** 2).sum() / wsum) if wsum > 0 else float("nan")
     return Roughness(value, p, float(sigma), int(len(iu)))

@@ -73,7 +73,7 @@ def method_of(run: runinfo.Run) -> str:
     for key in METHOD_KEYS:
         if isinstance(run.args.get(key), str):
             m = run.args[key]
-            if m.startswith("iif") and _num(run.args.get("p")) and m != "iif-all-neg":
+            if m in ("iif", "random") and _num(run.args.get("p")):  # random drops as many records as iif at p
                 return f"{m} (p={run.args['p']:g})"
             return m
     return run.path.parent.name if run.name.startswith("seed") else run.name
@@ -140,8 +140,8 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 
 
 def curves_figure(runs: list[runinfo.Run]) -> tuple[str | None, list[dict]]:
-    """Return vs env steps per method: mean over seeds with a 95% t-interval band (seeds aligned on the x grid of
-    the shortest run). Returns (png base64 or None, a table of final returns per method)."""
+    """Return vs env steps per method: mean over seeds with a 95% t-interval band (at the x values every seed of the
+    method has: a seed missing an evaluation does not shift the others). Returns (png base64 or None, a table of final returns per method)."""
     metrics_all = [m for r in runs for m in r.metrics]
     y = pick_key(metrics_all, RETURN_KEYS, contains="return")
     if y is None:
@@ -158,9 +158,13 @@ def curves_figure(runs: list[runinfo.Run]) -> tuple[str | None, list[dict]]:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     table = []
     for c, (method, curves) in zip(COLOURS * 4, sorted(by_method.items())):
-        n = min(len(xs) for xs, _ in curves)
-        xs = curves[0][0][:n]
-        ys = np.stack([cy[:n] for _, cy in curves])
+        xs = curves[0][0]  # the x values every seed has (a seed may lack an evaluation), each seed indexed by x
+        for cx, _ in curves[1:]:
+            xs = np.intersect1d(xs, cx)
+        if not len(xs):
+            continue
+        n = len(xs)
+        ys = np.stack([cy[np.searchsorted(cx, xs)] for cx, cy in curves])
         mean = ys.mean(0)
         ax.plot(xs, mean, color=c, lw=2, label=f"{method} ({len(curves)} seed{'s' * (len(curves) > 1)})")
         if len(curves) > 1:
@@ -376,7 +380,7 @@ def section_overview(runs, root) -> str:
     envs = sorted({r.env_id or "?" for r in runs})
     methods = sorted({method_of(r) for r in runs})
     seeds = sorted({str(seed_of(r)) for r in runs})
-    rounds = max((len(r.metrics) for r in runs), default=0)
+    rounds = max((int(m["round"]) for r in runs for m in r.metrics if _num(m.get("round"))), default=0)
     saved = sum(len(r.rounds) for r in runs)
     parts = [_kpi(", ".join(envs), "environment"), _kpi(str(len(runs)), "runs"),
              _kpi(", ".join(methods), "methods"), _kpi(str(len(seeds)), "seeds"), _kpi(str(rounds), "rounds (max)"),

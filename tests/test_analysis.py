@@ -98,6 +98,18 @@ def test_roughness_hand_computed_three_points():
     assert (r.n_positive, r.sigma, r.n_edges) == (3, 2.0, 2)
 
 
+def test_roughness_identical_states_are_at_distance_zero():
+    """Repeated states (common in FrozenLake / MiniGrid buffers) are exactly 0 apart, so the median heuristic for
+    sigma sees only the distances between different states."""
+    a, b, c = [0.1, 0.7, 1e3 / 3], [0.3, -0.2, 1e3 / 7], [2.0, 0.0, 1.0]
+    e = np.array([a, a, a, b, b, c])
+    s = np.array([1.0, 0.5, 0.25, 0.8, 0.4, 0.6])
+    d = {(0, 3): np.linalg.norm(np.subtract(a, b)), (0, 5): np.linalg.norm(np.subtract(a, c)),
+         (3, 5): np.linalg.norm(np.subtract(b, c))}
+    distinct = [d[0, 3]] * 6 + [d[0, 5]] * 3 + [d[3, 5]] * 2   # every pair of different states, with repeats
+    assert A.roughness(s, e, n_neighbors=2).sigma == pytest.approx(float(np.median(distinct)), rel=1e-12)
+
+
 def test_roughness_ignores_negative_records_and_scale():
     rng = np.random.default_rng(0)
     e = rng.normal(size=(40, 3))

@@ -43,12 +43,28 @@ def test_report_of_a_compare_dir_groups_methods_over_seeds(tmp_path):
             r = make_run(tmp_path / method / f"seed_{seed}", rounds=range(3), n=128, seed=seed)
             args = json.loads((r / "args.json").read_text())
             (r / "args.json").write_text(json.dumps({**args, "method": method, "p": 0.5}))
+    # iif seed 1 has no evaluation at round 1: the seeds are averaged at the x values both have, not by position
+    lines = [json.loads(x) for x in (tmp_path / "iif" / "seed_1" / "metrics.jsonl").read_text().splitlines()]
+    lines[1]["eval/return_mean"] = None
+    (tmp_path / "iif" / "seed_1" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     runs = report.find_runs(tmp_path)
     assert len(runs) == 4 and {report.method_of(r) for r in runs} == {"ppo", "iif (p=0.5)"}
     _, table = report.curves_figure(runs)
     assert {row["method"]: row["seeds"] for row in table} == {"ppo": 2, "iif (p=0.5)": 2}
+    iif = next(row for row in table if row["method"] == "iif (p=0.5)")
+    assert iif["x_final"] == 3 * 128 and iif["final"]["mean"] == pytest.approx(0.2)
     assert report.main([str(tmp_path)]) == 0
-    assert "iif (p=0.5)" in (tmp_path / "report.html").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "iif (p=0.5)" in page and "<b>2</b><span>rounds (max)</span>" in page  # the largest round, not lines
+
+
+def test_random_control_is_labelled_with_its_p(tmp_path):
+    """random drops as many records as iif at p, so runs at different p are different methods."""
+    for p in (0.5, 0.125):
+        r = make_run(tmp_path / f"random_{p}" / "seed_0", rounds=range(2), n=64)
+        args = json.loads((r / "args.json").read_text())
+        (r / "args.json").write_text(json.dumps({**args, "method": "random", "p": p}))
+    assert {report.method_of(r) for r in report.find_runs(tmp_path)} == {"random (p=0.5)", "random (p=0.125)"}
 
 
 def test_report_bad_input(tmp_path, capsys):
