@@ -132,7 +132,7 @@ class ReplayableEnv(gym.Wrapper):
         else:
             self.env.unwrapped.np_random.bit_generator.state = json.loads(value)
             obs, _ = self.reset()
-        for a in actions:  # a[()]: a 0-d array back to the numpy scalar the vector env passed (FrozenLake's dict lookup)
+        for a in actions:  # a[()]: a 0-d array back to the numpy scalar the vector env passed (FrozenLake: dict key)
             obs, *_ = self.step(a[()])
         return obs
 

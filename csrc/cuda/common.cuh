@@ -35,7 +35,7 @@ __device__ __forceinline__ void fa_cp_async_wait() {
 #endif
 
 // Tensor-core (wmma) kernels need sm_80+ for bf16/TF32; on older targets their bodies compile to nothing and the
-// host code never launches them (see tensor_cores_ok in the .cu files).
+// host code never launches them (see use_tensor_cores in host_utils.cuh).
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define FA_HAS_TENSOR_CORES 1
 #else

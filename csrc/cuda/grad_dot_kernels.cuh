@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(Tile::kThreads)
         }
       }
     }
-    __syncthreads();  // the stash is reused by the next tile's operand slabs
+    __syncthreads();  // all warps read the stash before the next tile overwrites it (mma has no barrier if K = 0)
   }
 #pragma unroll
   for (int j = 0; j < kRowsPerWarp; ++j) {

@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(Tile::kThreads) grad_sim_kernel(SimParams<type
           state[j] = reduce_fold<acc_t>(p.reduce, state[j], static_cast<acc_t>(sm.c[r][c]), p.threshold);
       }
     }
-    __syncthreads();  // the stash is reused by the next tile's operand slabs
+    __syncthreads();  // all warps read the stash before the next tile overwrites it (mma has no barrier if K = 0)
   }
 
   if (p.reduce == kNone) return;

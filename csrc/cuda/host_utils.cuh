@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdlib>
@@ -20,7 +21,13 @@ namespace cuda {
 struct DeviceInfo {
   int sms = 1;
   int major = 0;
+  int code_arch = 0;  // the virtual arch (__CUDA_ARCH__ / 10) of the code this build runs on the device
 };
+
+// Empty kernel whose attributes tell which code the driver picked for the device: a build whose newest arch is below
+// sm_80 runs (PTX-JIT) code without the tensor-core bodies even on an sm_80+ GPU.
+template <int = 0>
+__global__ void arch_probe_kernel() {}
 
 // Queried once per device and cached, so calls inside a CUDA-graph capture make no CUDA API call.
 inline DeviceInfo device_info(int device) {
@@ -32,6 +39,10 @@ inline DeviceInfo device_info(int device) {
   DeviceInfo info;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, arch_probe_kernel<>));
+  info.code_arch = attr.ptxVersion;
   cache.emplace(device, info);
   return info;
 }
@@ -41,10 +52,11 @@ inline bool env_flag(const char* name) {
   return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
-// Tensor cores (wmma) for fp16/bf16 always, and for fp32 only when torch allows TF32 matmuls, on sm_80+.
-// FASTATTR_CUDA_SIMT=1 forces the CUDA-core engine (tests and benchmarks use it to cover that path).
+// Tensor cores (wmma) for fp16/bf16 always, and for fp32 only when torch allows TF32 matmuls, on sm_80+ with code
+// built for sm_80+ (else the wmma bodies are stubs). FASTATTR_CUDA_SIMT=1 forces the CUDA-core engine (tests and
+// benchmarks use it to cover that path).
 inline bool use_tensor_cores(at::ScalarType dtype, const DeviceInfo& info) {
-  if (info.major < 8 || env_flag("FASTATTR_CUDA_SIMT")) return false;
+  if (info.major < 8 || info.code_arch < 80 || env_flag("FASTATTR_CUDA_SIMT")) return false;
   if (dtype == at::kHalf || dtype == at::kBFloat16) return true;
   return dtype == at::kFloat && at::globalContext().allowTF32CuBLAS();
 }

@@ -326,7 +326,7 @@ struct WmmaTile {
     __syncwarp();
   }
 #else
-  // Pre-sm_80 device pass: same interface, never launched (the host checks the compute capability first).
+  // Pre-sm_80 device pass: same interface, never launched (use_tensor_cores checks the device and the code's arch).
   struct Acc {};
   struct Smem {
     float c[1][kLdc];
