@@ -13,6 +13,7 @@ import argparse
 import glob
 import json
 import re
+import sys
 from pathlib import Path
 
 from fastattr import metrics
@@ -32,6 +33,8 @@ def load_sets(specs: list[str]) -> dict[str, dict[int, metrics.Curve]]:
                 raise SystemExit(f"ablation_table: {d} does not end in _s<seed>; name run dirs <method>_s<seed>")
             if run_finished(Path(d)):
                 runs[int(m.group(1))] = metrics.load_curve(d)
+            else:
+                print(f"<!-- {label}: {d} is not finished, left out -->", file=sys.stderr)
         if not runs:
             raise SystemExit(f"ablation_table: {label}: no finished run matches {pattern!r}")
         curves[label] = runs

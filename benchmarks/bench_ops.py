@@ -6,7 +6,8 @@ Cases (GPU shapes; --device cpu or no GPU uses the small shapes in brackets):
   norm        grad_norm of the same layers (ghost norms, for cosine similarity)
   latency     MLP 8-64-64-4, N = 2,048: one plain forward+backward vs scoring (forward, output gradients, grad_dot
               per layer), eager and as one CUDA-graph replay
-Rows per case: `kernel` (torch.ops.fastattr), `reference` (fastattr.reference, eager torch), `copy` (clone of the
+Rows per case: `kernel` (torch.ops.fastattr), `reference` (fastattr.reference, eager torch; it computes in float32
+for bf16 inputs, so a bf16 speedup_vs_reference is against fp32 eager, casts included), `copy` (clone of the
 inputs: the memory floor, fast-hadamard style) and the `roofline` estimate max(FLOP / peak, bytes / HBM bandwidth)
 from the spec-sheet peaks of the GPU (PEAKS below; none on CPU). Every kernel cell is first checked against the
 float64 reference on a slice of rows (error <= 2x torch's own error, fastattr.testing.within_tolerance).
@@ -25,8 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from torch import nn  # noqa: E402
 from torch.utils.benchmark import Compare, Timer  # noqa: E402
 
 from fastattr import ops, reference  # noqa: E402
+from fastattr.info import cpu_model, provenance  # noqa: E402
 from fastattr.testing import within_tolerance  # noqa: E402
 
 # Dense spec-sheet peaks: TFLOP/s for fp32 (CUDA cores), tf32 and bf16 (tensor cores), and HBM TB/s.
@@ -59,15 +59,6 @@ def peaks_for(device: torch.device) -> dict | None:
         if all(word in name for word in key.split()):
             return peaks
     return None
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class TF32:
@@ -105,13 +96,14 @@ class Bench:
         self.device, self.min_run_time, self.out_path, self.run_id = device, min_run_time, out_path, run_id
         self.results = []
         self.peaks = peaks_for(device)
-        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-        self.meta = {"device": self.device_name, "torch": torch.__version__, "commit": git_commit(),
-                     "run": run_id, "threads": torch.get_num_threads()}
+        self.device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+        self.threads = torch.get_num_threads()  # every cell is timed on this many threads (Timer's default is 1)
+        self.meta = {**provenance(packages=("numpy",)), "device": self.device_name, "run": run_id,
+                     "threads": self.threads}
 
     def time(self, fn, label: str, sub_label: str, impl: str):
-        m = Timer("fn()", globals={"fn": fn}, label=label, sub_label=sub_label, description=impl).blocked_autorange(
-            min_run_time=self.min_run_time)
+        m = Timer("fn()", globals={"fn": fn}, label=label, sub_label=sub_label, description=impl,
+                  num_threads=self.threads).blocked_autorange(min_run_time=self.min_run_time)
         self.results.append(m)
         return m
 
@@ -250,7 +242,8 @@ def run_rows(b: Bench, case: str, shape: str, tag: str, kernel, ref, copy, flops
               "copy_us": tc.median * 1e6}
     b.record(**common, impl="kernel", median_us=tk.median * 1e6, iqr_us=tk.iqr * 1e6,
              x_roofline=None if roof is None else tk.median * 1e6 / roof, x_copy=tk.median / tc.median,
-             speedup_vs_reference=tr.median / tk.median, peak_extra_mb=b.peak_extra_mb(kernel))
+             speedup_vs_reference=tr.median / tk.median, peak_extra_mb=b.peak_extra_mb(kernel),
+             reference_computes_in={"bf16": "float32 (upcast)", "tf32": "tf32"}.get(tag, "float32"))
     b.record(**common, impl="reference", median_us=tr.median * 1e6, iqr_us=tr.iqr * 1e6,
              x_roofline=None if roof is None else tr.median * 1e6 / roof, x_copy=tr.median / tc.median,
              peak_extra_mb=b.peak_extra_mb(ref))
@@ -304,12 +297,13 @@ def case_latency(b: Bench, n: int, hidden: int):
     rows = [("fwd+bwd", fwd_bwd), ("score", score)]
     if dev.type == "cuda":
         rows += [("fwd+bwd graph", graphed(fwd_bwd)), ("score graph", graphed(score))]
-    base = None
+    base = {}  # eager rows over the eager fwd+bwd, graph rows over the graphed fwd+bwd
     for impl, fn in rows:
         t = b.time(fn, "latency", shape, impl)
-        base = base or t.median
+        mode = "graph" if impl.endswith("graph") else "eager"
+        base.setdefault(mode, t.median)
         b.record(case="latency", shape=shape, dtype="fp32", impl=impl, median_us=t.median * 1e6, iqr_us=t.iqr * 1e6,
-                 x_fwd_bwd=t.median / base)
+                 x_fwd_bwd=t.median / base[mode])
 
 
 def graphed(fn):

@@ -3,10 +3,13 @@
 1. Attribution share: seconds of scoring + filtering in an IIF round over the round's training wall-clock (rollout,
    GAE, attribution, update; evaluation excluded). Goal <= 10%; the paper reports 0.13 s of influence computation
    per LunarLander round (Table 5).
-2. Loop speed, measured side by side in one process (implementations interleaved, repeated, medians):
-   fastattr.ppo (method ppo and iif) vs a minimal CleanRL-style loop (torch.distributions, nn.Module calls, the
-   same config) vs Stable-Baselines3 PPO (if installed: .venv/bin/pip install stable-baselines3). Goal: >= the
-   CleanRL-style loop, >= 3x SB3. SB3 clips gradients at 0.5 (its default; the paper's patched copy does not), a negligible cost here.
+2. Loop speed, measured side by side in one process (implementations interleaved, repeated): fastattr.ppo (method
+   ppo and iif) vs a minimal CleanRL-style loop (torch.distributions, nn.Module calls, the same config) vs
+   Stable-Baselines3 PPO (if installed: .venv/bin/pip install stable-baselines3). Each ratio is paired within a
+   repetition (median round of each implementation over fastattr ppo's), reported as median [min, max] over reps.
+   Goal: >= the CleanRL-style loop, >= 3x SB3. SB3 clips gradients at 0.5 (its default; the paper's patched copy
+   does not), a negligible cost here. FASTATTR_STRICT=1: a missing kernel stops the run instead of timing the
+   fallback.
 
     python benchmarks/bench_ppo.py [--rounds 3] [--reps 3]
 One torch thread everywhere (as fastattr.ppo runs its passes). Appends a JSON line to benchmarks/results/.
@@ -14,22 +17,23 @@ One torch thread everywhere (as fastattr.ppo runs its passes). Appends a JSON li
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import platform
+import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
+
+os.environ["FASTATTR_STRICT"] = "1"  # a missing kernel fails instead of timing the pure-torch fallback
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
 
-from fastattr import envs as envs_lib
-from fastattr import filtering, ppo
+from fastattr import envs as envs_lib  # noqa: E402
+from fastattr import filtering, ops, ppo  # noqa: E402
+from fastattr.info import provenance  # noqa: E402
 
 ENV_ID = "LunarLander-v3"
 
@@ -198,12 +202,8 @@ class SB3:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "?"
+def spread(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
 def main() -> None:
@@ -213,6 +213,9 @@ def main() -> None:
     p.add_argument("--no-sb3", action="store_true")
     opts = p.parse_args()
     torch.set_num_threads(1)
+    missing = [op for op in ("grad_dot",) if not ops.has_kernel(op, "cpu")]
+    if missing:
+        raise SystemExit(f"fastattr CPU kernels {missing} are not built (make build): not timing the fallback")
 
     impls = {"fastattr ppo": lambda: Ours("ppo"), "fastattr iif": lambda: Ours("iif"), "cleanrl-style": CleanRL}
     if not opts.no_sb3:
@@ -226,10 +229,15 @@ def main() -> None:
     for r in runners.values():  # warm-up round (first-call overheads, env construction)
         r.round()
     per_round: dict[str, list[dict]] = {name: [] for name in runners}
+    rep_ratios: dict[str, list[float]] = {name: [] for name in runners}  # paired: the same rep's fastattr ppo
     for rep in range(opts.reps):
+        rep_total = {}
         for name, r in runners.items():
-            for _ in range(opts.rounds):
-                per_round[name].append(r.round())
+            rounds = [r.round() for _ in range(opts.rounds)]
+            per_round[name] += rounds
+            rep_total[name] = statistics.median(t["total"] for t in rounds)
+        for name in runners:
+            rep_ratios[name].append(rep_total[name] / rep_total["fastattr ppo"])
         print(f"rep {rep + 1}/{opts.reps} done", flush=True)
 
     med = {name: {k: statistics.median(t[k] for t in ts) for k in ts[0]} for name, ts in per_round.items()}
@@ -240,17 +248,16 @@ def main() -> None:
         print(f"{name:<16}{m['total']:>9.3f}{m['rollout']:>11.3f}{m['attr']:>9.4f}{m['update']:>10.3f}"
               f"{2048 / m['total']:>8.0f}{m['total'] / base:>8.2f}x")
     iif = med["fastattr iif"]
-    share = iif["attr"] / iif["total"]
-    print(f"\nattribution share of an IIF round: {iif['attr']:.4f} s of {iif['total']:.3f} s = {100 * share:.2f}% "
+    share = spread([t["attr"] / t["total"] for t in per_round["fastattr iif"]])  # per round, then the median
+    print(f"\nattribution share of an IIF round: median {100 * share['median']:.2f}% (min {100 * share['min']:.2f}%, "
+          f"max {100 * share['max']:.2f}%, {share['n']} rounds; {iif['attr']:.4f} s of {iif['total']:.3f} s) "
           f"(goal <= 10%; scoring alone {iif['score']:.4f} s; the paper: 0.13 s per round, Table 5; "
           f"kept {100 * iif['kept']:.1f}% of the records)")
-    ratios = {f"{name}/ours": m["total"] / base for name, m in med.items()}
-    print("ratios (seconds per round relative to fastattr ppo): " + ", ".join(f"{k} {v:.2f}" for k, v in
-                                                                              ratios.items()))
-    rec = {"bench": "bench_ppo", "env": ENV_ID, "date": datetime.date.today().isoformat(), "commit": git_commit(),
-           "torch": torch.__version__, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-           "cpus": __import__("os").cpu_count(), "rounds": opts.rounds, "reps": opts.reps, "median": med,
-           "attr_share": share, "ratios": ratios}
+    ratios = {f"{name}/ours": spread(r) for name, r in rep_ratios.items()}
+    print("ratios, seconds per round over fastattr ppo's in the same rep (median [min, max] over reps): "
+          + ", ".join(f"{k} {v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]" for k, v in ratios.items()))
+    rec = {"bench": "bench_ppo", "env": ENV_ID, **provenance(), "cpus": os.cpu_count(), "rounds": opts.rounds,
+           "reps": opts.reps, "median": med, "attr_share": share, "ratios": ratios}
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     with open(out / "bench_ppo.jsonl", "a") as f:

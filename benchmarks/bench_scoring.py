@@ -10,7 +10,8 @@ work any gradient-based scorer must at least do. Rows, all on the same actor and
   materialise         the paper's official method, re-implemented from its description (PAPER.md section 6): hooks
                       keep each Linear's input and output gradient, then per-sample weight gradients [N, d_out, d_in]
                       per layer are dotted with the summed target gradient
-Peak memory is measured per method in a fresh subprocess (ru_maxrss above the set-up high-water mark).
+Peak memory is measured per method in a fresh subprocess (ru_maxrss above the set-up high-water mark). fastattr runs
+with deterministic=False here, so its passes use --threads like every other row (the default pins them to one).
 
     python benchmarks/bench_scoring.py                 # both paper shapes, 1 thread
     python benchmarks/bench_scoring.py --quick         # small shapes (smoke test)
@@ -18,10 +19,8 @@ Peak memory is measured per method in a fresh subprocess (ru_maxrss above the se
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from torch.utils.benchmark import Timer
 
 import fastattr
 from fastattr import ops
+from fastattr.info import provenance
 
 METHODS = ["plain", "fastattr", "fastattr-joint", "fastattr-reference", "materialise", "vmap", "vmap-per-param"]
 
@@ -71,16 +71,16 @@ def methods(actor, obs, act, adv, adv_n):
         torch.autograd.grad(target_loss(actor), params)
 
     def fast():
-        return fastattr.score(actor, record_loss, target_loss)
+        return fastattr.score(actor, record_loss, target_loss, deterministic=False)
 
     def fast_joint():
-        return fastattr.score(actor, joint)
+        return fastattr.score(actor, joint, deterministic=False)
 
     def fast_reference():
         saved = ops._use_kernel
         ops._use_kernel = lambda op, device: False
         try:
-            return fastattr.score(actor, record_loss, target_loss)
+            return fastattr.score(actor, record_loss, target_loss, deterministic=False)
         finally:
             ops._use_kernel = saved
 
@@ -192,11 +192,9 @@ def main():
     args = p.parse_args()
     os.environ["FASTATTR_STRICT"] = "1"  # never time the fallback as if it were the kernel
     shapes = [(64, 256)] if args.quick else [(64, 2048), (256, 16384)]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"torch": torch.__version__, "machine": f"{platform.processor() or platform.machine()} "
-            f"{os.cpu_count()} cores", "commit": commit, "date": datetime.date.today().isoformat()}
+    meta = provenance(packages=("numpy",))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    print(f"# bench_scoring  torch {meta['torch']}  commit {commit}  threads {args.threads}")
+    print(f"# bench_scoring  torch {meta['torch']}  commit {meta['commit']}  threads {args.threads}  {meta['machine']}")
     print(f"{'shape':<18}{'method':<20}{'median ms':>11}{'x plain':>9}{'min-max':>13}{'peak MiB':>10}{'x plain':>9}")
     with open(args.out, "a") as f:
         for hidden, n in shapes:

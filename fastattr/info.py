@@ -2,12 +2,50 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import subprocess
 import sys
+import time
+from importlib import metadata
+from pathlib import Path
 
 import torch
 
 from . import __version__, ops, testing
+
+
+def git_commit() -> str:
+    """The checkout's commit, with '-dirty' when tracked files have uncommitted changes ('unknown' outside git)."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(packages=("numpy", "gymnasium", "stable-baselines3")) -> dict:
+    """What a recorded result needs beside its numbers: commit (dirty or not), date, machine, versions."""
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{cpu_model()}, {os.cpu_count()} cores", "python": platform.python_version(),
+            "torch": torch.__version__, **versions}
 
 
 def self_test(device: str) -> list[tuple[str, str, bool, str]]:
