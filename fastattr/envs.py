@@ -113,6 +113,9 @@ class ReplayableEnv(gym.Wrapper):
         self.episode_actions: list[np.ndarray] = []
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        if options:
+            raise ValueError("ReplayableEnv cannot replay a reset with options (a resumed run would replay it without "
+                             f"them); got options={options!r}: pass the settings at env creation instead")
         if seed is not None:
             self.episode_start = ("seed", int(seed))
         else:
@@ -217,11 +220,20 @@ def make_env(env_id: str, env_kwargs: dict | None = None, render_mode: str | Non
 
 def check_spaces(obs_space: gym.Space, act_space: gym.Space, env_id: str) -> None:
     """The spaces fastattr's PPO supports; anything else gets a ValueError naming the space and the way out."""
+    for name, space in (("observation", obs_space), ("action", act_space)):
+        if isinstance(space, gym.spaces.Discrete) and int(space.start) != 0:
+            raise ValueError(f"{env_id}: {name} space {space} starts at {space.start}; fastattr's PPO takes Discrete "
+                             "spaces that start at 0 (wrap the env to shift them)")
     if isinstance(obs_space, gym.spaces.Discrete):
         pass
     elif isinstance(obs_space, gym.spaces.Box):
         if not np.issubdtype(obs_space.dtype, np.number):
             raise ValueError(f"{env_id}: unsupported observation dtype {obs_space.dtype}")
+        shape = obs_space.shape
+        if obs_space.dtype == np.uint8 and len(shape) == 3 and shape[0] < min(shape[1], shape[2]):  # SB3's test
+            raise ValueError(f"{env_id}: image observations {shape} look channel-first (C, H, W); the CNN takes "
+                             "(H, W, C): wrap the env with a transpose (e.g. gymnasium.wrappers.TransformObservation "
+                             "with np.moveaxis(obs, 0, -1) and the matching space)")
     else:
         raise ValueError(
             f"{env_id}: unsupported observation space {obs_space}; fastattr's PPO takes Box or Discrete observations "

@@ -16,6 +16,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from . import ppo
+from .runinfo import parse_int_list
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -111,29 +112,6 @@ def main_train(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # compare
 # ----------------------------------------------------------------------------------------------------------------------
-def parse_int_list(spec: str, what: str = "--seeds") -> list[int]:
-    """'0-4' -> [0..4]; '0,3,7' -> [0, 3, 7]."""
-    out: list[int] = []
-    try:
-        for part in str(spec).split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if "-" in part:
-                a, b = part.split("-", 1)
-                lo, hi = int(a), int(b)
-                if hi < lo:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise ValueError(f"{what} must look like '0-4' or '0,2,5', got {spec!r}") from None
-    if not out:
-        raise ValueError(f"{what} is empty: {spec!r}")
-    return sorted(dict.fromkeys(out))
-
-
 def run_finished(run_dir: Path) -> bool:
     """True when run_dir holds a checkpoint marked finished (a run `fastattr compare` skips)."""
     ck = ppo.checkpoint_path(run_dir)
@@ -224,7 +202,7 @@ def main_compare(argv: list[str] | None = None) -> int:
     paths = aggregate(out, opts.env_id, methods, seeds, opts.baseline)
     if paths:
         print("\n".join(f"wrote {p}" for p in paths))
-    return 1 if failed else 0
+    return 1 if failed or (opts.aggregate_only and not paths) else 0
 
 
 def runs_with_other_settings(runs: dict[tuple[str, int], Path], given: dict) -> list[str]:

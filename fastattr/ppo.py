@@ -760,6 +760,14 @@ def _derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
+def train_env_seeds(args: Args) -> int | list[int]:
+    """Seeds of the training envs: args.seed for one env (the paper's runs); for E envs, E seeds derived from it, so
+    runs with neighbouring seeds share no env (a plain seed gives env i seed + i, the next run's env i - 1)."""
+    if args.num_envs == 1:
+        return args.seed
+    return [_derived_seed(args.seed, 0x7E5, i) % 2**31 for i in range(args.num_envs)]
+
+
 @torch.no_grad()
 def evaluate(agent: Agent, eval_envs: gym.vector.VectorEnv, episodes: int, seed: int, round_: int) -> dict:
     """Mean undiscounted return of `episodes` episodes of the *stochastic* policy (as the paper).
@@ -773,6 +781,9 @@ def evaluate(agent: Agent, eval_envs: gym.vector.VectorEnv, episodes: int, seed:
     policy = agent.numpy_policy()
     base = _derived_seed(seed, round_, 0x5EED) % (2**31 - E)
     obs, _ = eval_envs.reset(seed=[base + i for i in range(E)])
+    env_id = f"{eval_envs.envs[0].spec.id} (evaluation)" if hasattr(eval_envs, "envs") else "evaluation env"
+    step = 0
+    _check_finite(obs, "observation", env_id, step)
     done_count = np.zeros(E, dtype=np.int64)
     ep_ret = np.zeros(E)
     ep_len = np.zeros(E, dtype=np.int64)
@@ -784,6 +795,9 @@ def evaluate(agent: Agent, eval_envs: gym.vector.VectorEnv, episodes: int, seed:
         action = agent.sample_actions(obs, rng, policy)
         a = np.clip(action, low, high) if continuous else action
         obs, reward, terminated, truncated, _ = eval_envs.step(a)
+        step += 1
+        _check_finite(reward, "reward", env_id, step)
+        _check_finite(obs, "observation", env_id, step)
         ep_ret += reward
         ep_len += 1
         for i in np.nonzero(terminated | truncated)[0]:
@@ -1046,7 +1060,7 @@ def _main(args: Args) -> dict:
     num_rounds = args.total_timesteps // per_round
     metrics_file = run_dir / "metrics.jsonl"
 
-    obs0, _ = envs.reset(seed=args.seed)
+    obs0, _ = envs.reset(seed=train_env_seeds(args))
     totals = {"wall_seconds": 0.0}
     if ckpt is None:
         state = RolloutState(obs0, np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=np.int64),
@@ -1083,7 +1097,7 @@ def _main(args: Args) -> dict:
         # ALGO LOGIC: rollout with theta(k)
         t0 = time.perf_counter()
         if args.env_stream == "reseed" and r > 1:  # the official code: a fresh, identically seeded env each round
-            state.next_obs, _ = envs.reset(seed=args.seed)
+            state.next_obs, _ = envs.reset(seed=train_env_seeds(args))
             state.ep_return[:], state.ep_length[:] = 0, 0
         buf, episodes = collect_rollout(envs, agent, state, args)
         compute_gae(buf, args.gamma, args.gae_lambda)

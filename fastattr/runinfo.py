@@ -120,26 +120,42 @@ def load_round(run_dir: str | os.PathLike, k: int, required: tuple[str, ...] = (
     return data
 
 
+def parse_int_list(spec: str, what: str = "--seeds") -> list[int]:
+    """'0-4' -> [0..4]; '0,3,7' -> [0, 3, 7]: sorted, without repeats; a reversed range or an empty list is an error."""
+    out: list[int] = []
+    try:
+        for part in str(spec).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                a, b = part.split("-", 1)
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise ValueError(f"{what} must look like '0-4' or '0,2,5', got {spec!r}") from None
+    if not out:
+        raise ValueError(f"{what} is empty: {spec!r}")
+    return sorted(dict.fromkeys(out))
+
+
 def parse_rounds(spec: str, available: list[int]) -> list[int]:
-    """'3' -> [3]; '1,4,7' -> [1,4,7]; '2-5' -> [2,3,4,5]; 'all' -> available. Each must be in `available`."""
+    """'3' -> [3]; '1,4,7' -> [1,4,7]; '2-5' -> [2,3,4,5]; 'all' -> available (the rounds saved). A round that was
+    not saved is reported by the tool that needs it, with the rounds that were."""
     if spec == "all":
         if not available:
             raise ValueError("no rounds were saved in this run (train with --save-attribution)")
         return list(available)
-    out: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if "-" in part[1:]:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        elif part:
-            out.append(int(part))
-    return out
+    return parse_int_list(spec, "--round")
 
 
 def parse_seeds(spec: str) -> list[int]:
     """'0-2' -> [0, 1, 2]; '0,5' -> [0, 5]."""
-    return parse_rounds(spec, [])
+    return parse_int_list(spec, "--seeds")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -19,3 +19,5 @@ def test_help_and_unknown_command():
     assert r.returncode == 0 and "train" in r.stdout and "info" in r.stdout
     r = run("frobnicate")
     assert r.returncode == 2 and "unknown command" in r.stderr
+    r = run()
+    assert r.returncode == 2 and "train" in r.stderr and not r.stdout

@@ -352,14 +352,26 @@ class MultiDiscreteEnv(NaNRewardEnv):
     action_space = gym.spaces.MultiDiscrete([2, 2])
 
 
+class ShiftedActionsEnv(NaNRewardEnv):
+    action_space = gym.spaces.Discrete(2, start=1)
+
+
+class ChannelFirstEnv(NaNRewardEnv):
+    observation_space = gym.spaces.Box(0, 255, (3, 8, 8), np.uint8)
+
+
 gym.register("FastattrTest/NaNReward-v0", entry_point=NaNRewardEnv)
 gym.register("FastattrTest/MultiDiscrete-v0", entry_point=MultiDiscreteEnv)
+gym.register("FastattrTest/ShiftedActions-v0", entry_point=ShiftedActionsEnv)
+gym.register("FastattrTest/ChannelFirst-v0", entry_point=ChannelFirstEnv)
 
 
 @pytest.mark.parametrize("kw,match", [
     ({"env_id": "CartPole-v9"}, "unknown --env-id"),
     ({"env_id": "Blackjack-v1"}, "unsupported observation space"),
     ({"env_id": "FastattrTest/MultiDiscrete-v0"}, "unsupported action space"),
+    ({"env_id": "FastattrTest/ShiftedActions-v0"}, "starts at 1"),
+    ({"env_id": "FastattrTest/ChannelFirst-v0"}, "channel-first"),
     ({"p": 0.0}, r"p \(--p"),
     ({"p": 1.5}, r"p \(--p"),
     ({"method": "best"}, "--method"),
@@ -380,6 +392,19 @@ def test_nan_reward_stops_with_the_last_good_round_kept(tmp_path):
         ppo.main(args)
     assert [r["round"] for r in rows(args.run_dir)] == [0, 1]
     assert ppo.load_checkpoint(ppo.checkpoint_path(args.run_dir))["round"] == 1
+
+
+def test_nan_reward_in_evaluation_is_an_error_not_a_nan_return(tmp_path):
+    with pytest.raises(ValueError, match=r"NaNReward-v0 \(evaluation\) returned a non-finite reward"):
+        ppo.main(tiny(tmp_path, env_id="FastattrTest/NaNReward-v0", n_steps=32, total_timesteps=128, eval_episodes=1))
+
+
+def test_runs_with_neighbouring_seeds_share_no_training_env():
+    """One env: the run's seed (the paper's runs). Several: seeds derived per env, so seed 0's env 1 is not seed 1's
+    env 0 (a plain vector-env seed gives env i seed + i)."""
+    assert ppo.train_env_seeds(ppo.Args(seed=3)) == 3
+    a, b = (ppo.train_env_seeds(ppo.Args(seed=s, num_envs=4)) for s in (0, 1))
+    assert len(set(a) | set(b)) == 8 and a == ppo.train_env_seeds(ppo.Args(seed=0, num_envs=4))
 
 
 def test_run_dir_holding_another_run_is_never_touched(tmp_path):

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from fastattr import experiments, ppo
+from fastattr import experiments, ppo, runinfo
 
 TINY = ["--n-steps", "64", "--batch-size", "32", "--n-epochs", "2", "--eval-episodes", "2"]
 
@@ -64,6 +64,9 @@ def test_build_args_precedence():
     assert c.env_kwargs == {"map_name": "4x4", "is_slippery": False} and c.eval_episodes == 1000
     assert experiments.build_args({"env_id": "Acrobot-v1"}).optimizer == ppo.Args().optimizer
     assert experiments.parse_int_list("0-2,5") == [0, 1, 2, 5]
+    assert runinfo.parse_seeds("0,0,1") == [0, 1] and runinfo.parse_rounds("all", [2, 5]) == [2, 5]
+    with pytest.raises(ValueError, match="--round"):  # a reversed range was an empty list (and exit 0)
+        runinfo.parse_rounds("9-5", [5, 9])
     with pytest.raises(ValueError, match="--seeds"):
         experiments.parse_int_list("3-1")
 
@@ -93,6 +96,8 @@ def test_compare_skips_finished_runs_and_rejects_bad_methods(tmp_path, capsys):
     assert experiments.main_compare(["--env-id", "CartPole-v1", "--methods", "ppo,best", "--out", str(out)]) == 2
     assert "--methods" in capsys.readouterr().err
     assert experiments.main_compare(argv + ["--seed", "3"]) == 2
+    empty = ["--env-id", "CartPole-v1", "--seeds", "0", "--out", str(tmp_path / "empty"), "--aggregate-only"]
+    assert experiments.main_compare(empty) == 1  # nothing to summarise is a failure, not a success
     capsys.readouterr()
     # finished runs trained with other settings are never paired with new ones: refused before anything runs
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
