@@ -781,7 +781,8 @@ def evaluate(agent: Agent, eval_envs: gym.vector.VectorEnv, episodes: int, seed:
     policy = agent.numpy_policy()
     base = _derived_seed(seed, round_, 0x5EED) % (2**31 - E)
     obs, _ = eval_envs.reset(seed=[base + i for i in range(E)])
-    env_id = f"{eval_envs.envs[0].spec.id} (evaluation)" if hasattr(eval_envs, "envs") else "evaluation env"
+    first = getattr(eval_envs, "envs", [None])[0]  # SyncVectorEnv's own spec is None
+    env_id = (first.spec.id if first is not None and first.spec is not None else "env") + " (evaluation)"
     step = 0
     _check_finite(obs, "observation", env_id, step)
     done_count = np.zeros(E, dtype=np.int64)
