@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import ops, reference
 
@@ -157,18 +158,33 @@ def _layer_params(layer: _Layer) -> list[nn.Parameter]:
 # Capture: each scored layer's input and output, per forward call
 # ----------------------------------------------------------------------------------------------------------------------
 class _Capture:
-    def __init__(self, layers: list[_Layer]):
-        self.layers, self.handles = layers, []
+    """Records (input, output) of every call of the scored layers. The input is detached (it shares the tensor's
+    version counter) and the output stays in the graph. `modified()` tells whether the forward changed either in
+    place afterwards (e.g. ReLU(inplace=True) on a Linear's output, which would move the output's place in the
+    graph); with clone=True the hook keeps its own copy of the input and hands the model a copy of the output, so
+    in-place ops downstream change only those copies."""
+
+    def __init__(self, layers: list[_Layer], clone: bool = False):
+        self.layers, self.clone, self.handles, self.versions = layers, clone, [], []
 
     def __enter__(self):
         for layer in self.layers:
             layer.calls = []
 
-            def hook(module, args, output, layer=layer):
-                layer.calls.append((args[0].detach(), output))
+            def hook(module, args, kwargs, output, layer=layer):
+                x = args[0] if args else next(iter(kwargs.values()))  # layer(x) or layer(input=x)
+                if self.clone:
+                    layer.calls.append((x.detach().clone(), output))
+                    return output.clone()
+                layer.calls.append((x.detach(), output))
+                self.versions.append((x, x._version, output, output._version))
+                return None
 
-            self.handles.append(layer.module.register_forward_hook(hook))
+            self.handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
         return self
+
+    def modified(self) -> bool:
+        return any(x._version != vx or y._version != vy for x, vx, y, vy in self.versions)
 
     def __exit__(self, *exc):
         for h in self.handles:
@@ -322,16 +338,16 @@ def _pairwise_ok(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
 
 
-def _grads_to_outputs(losses: Tensor, layers: list[_Layer], retain: bool) -> list[list[Tensor | None]]:
-    """d(sum losses)/d(output) for every captured call; None where the losses do not depend on that call."""
-    outs = [y for layer in layers for (_, y) in layer.calls]
-    if not outs:
-        return [[] for _ in layers]
-    grads = list(torch.autograd.grad(losses.sum(), outs, allow_unused=True, retain_graph=retain))
-    res = []
-    for layer in layers:
-        res.append([grads.pop(0) for _ in layer.calls])
-    return res
+def _grads_to_outputs(losses: Tensor, layers: list[_Layer], retain: bool,
+                      extra: dict[str, nn.Parameter] | None = None):
+    """d(sum losses)/d(output) for every captured call; None where the losses do not depend on that call (also a
+    call made under torch.no_grad(), whose output is outside the graph). With `extra` (parameters), also returns
+    {name: d(sum losses)/d(parameter)} from the same backward."""
+    outs = [y for layer in layers for (_, y) in layer.calls if y.requires_grad]
+    inputs = outs + list((extra or {}).values())
+    grads = list(torch.autograd.grad(losses.sum(), inputs, allow_unused=True, retain_graph=retain)) if inputs else []
+    res = [[grads.pop(0) if y.requires_grad else None for (_, y) in layer.calls] for layer in layers]
+    return res if extra is None else (res, dict(zip(extra, grads)))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -371,7 +387,7 @@ def _ghost_aggregated(layer: _Layer, gs: list, G: dict, n: int, dtype, chunk: in
                 _positions(x, g, n, layer.name)
             idx = x.reshape(n, -1)
             g3 = g.reshape(n, idx.shape[1], -1).to(dtype)
-            rows = gw.to(dtype)[idx]
+            rows = (gw.to_dense() if gw.is_sparse else gw).to(dtype)[idx]  # sparse=True Embedding
             if m.padding_idx is not None:
                 rows = rows * (idx != m.padding_idx).unsqueeze(-1)
             total += (rows * g3).sum((1, 2)).to(total.dtype)
@@ -387,15 +403,51 @@ def _jvp_records(model: nn.Module, record_fn, generic: dict[str, nn.Parameter], 
     def f(*ps):
         return torch.func.functional_call(wrapper, {"model." + n: p for n, p in zip(names, ps)}, ())
 
+    # MultiheadAttention's eval fast path and the fused attention kernels have no forward-mode AD: run attention
+    # through its plain math (the same values)
+    mha = getattr(torch.backends, "mha", None)
+    fast = mha.get_fastpath_enabled() if mha else None
     try:
-        _, out = torch.func.jvp(f, primals, tuple(tangents))
+        if mha:
+            mha.set_fastpath_enabled(False)
+        with sdpa_kernel(SDPBackend.MATH):
+            _, out = torch.func.jvp(f, primals, tuple(tangents))
     except Exception as e:  # forward-mode AD not implemented for some op
-        mods = sorted({n.rsplit(".", 1)[0] for n in names})
+        mods = _modules_of(names)
         raise ScoringError(
             f"cannot score parameters of module(s) {mods} with the general (forward-mode JVP) path: {e}. Exclude them "
             "with `params=` or replace the op that lacks forward-mode AD"
         ) from e
+    finally:
+        if mha:
+            mha.set_fastpath_enabled(fast)
     return out
+
+
+def _modules_of(param_names) -> list[str]:
+    return sorted({n.rsplit(".", 1)[0] if "." in n else "(the model itself)" for n in param_names})
+
+
+def _check_jvp(jv: Tensor, reverse: dict[str, Tensor | None], tangents: dict[str, Tensor]) -> None:
+    """The JVP path's scores must add up to what reverse mode says: sum_i jv[i(, m)] = <d sum_i l_i / d theta,
+    tangent(_m)> (exact identity; one reverse pass the scoring backward already makes). Forward-mode AD does not see
+    torch.no_grad() blocks, for one, so a record_loss computing a baseline under no_grad would be scored wrong."""
+    cols = jv.reshape(jv.shape[0], -1).double()  # [N, M] (M = 1 for one target)
+    got = cols.sum(0)
+    expect = torch.zeros_like(got)
+    for k, t in tangents.items():
+        r = reverse.get(k)
+        if r is not None:
+            expect += (t.reshape(got.shape[0], -1).double() @ r.reshape(-1).double())
+    scale = torch.maximum(expect.abs(), cols.abs().sum(0)).clamp_min(1e-30)
+    tol = 1e-9 if jv.dtype == torch.float64 else 1e-4
+    if bool(((got - expect).abs() > tol * scale).any()):
+        mods = _modules_of(tangents)
+        raise ScoringError(
+            f"the general (forward-mode JVP) path for module(s) {mods} disagrees with reverse mode: scores sum to "
+            f"{got.tolist()[:4]} but the gradients give {expect.tolist()[:4]}. Usually a torch.no_grad() block inside "
+            "record_loss (forward-mode AD ignores it): compute that value with .detach() or outside record_loss"
+        )
 
 
 class _Call(nn.Module):
@@ -474,10 +526,9 @@ def score(
     def record_fn(m):
         return split(record_loss(m))[0] if joint else record_loss(m)
 
-    with _Threads(deterministic), _RequireGrad(plan.params.values()), torch.enable_grad():
-        with _Capture(plan.layers):
+    def capture(clone: bool):
+        with _Capture(plan.layers, clone) as cap:
             losses, target = split(record_loss(model)) if joint else (record_loss(model), None)
-            losses = _check_records(losses)
             record_calls = [layer.calls for layer in plan.layers]
             if not joint:  # a separate forward for the target: keep its calls apart from the records'
                 for layer in plan.layers:
@@ -485,19 +536,30 @@ def score(
                 target = target_loss(model)
         for layer, calls in zip(plan.layers, record_calls):
             layer.target_calls, layer.calls = layer.calls, calls
+        return losses, target, cap.modified()
+
+    with _Threads(deterministic), _RequireGrad(plan.params.values()), torch.enable_grad():
+        losses, target, modified = capture(clone=False)
+        if modified:  # an in-place op changed a captured input or output: capture again with copies
+            losses, target, _ = capture(clone=True)
+        losses = _check_records(losses)
         target = _check_target(target)
         n = losses.shape[0]
         single = target.dim() == 0 or reduce in ("sum", "mean")
+        # check=True with max / min: the check needs the [N, M] scores, so reduce after it
+        inner = "none" if check and reduce in ("max", "min") else reduce
         if single:
             agg = target if target.dim() == 0 else (target.sum() if reduce == "sum" else target.mean())
             result = _score_aggregated(model, plan, record_fn, losses, agg, n, dtype, chunk_size)
         else:
-            result = _score_pairwise(model, plan, record_fn, losses, target, n, dtype, chunk_size, reduce)
+            result = _score_pairwise(model, plan, record_fn, losses, target, n, dtype, chunk_size, inner)
         if check:
             def fresh(m):  # records and target from a new forward: the scoring backward freed the joint graph
                 return split(record_loss(m)) if joint else (record_loss(m), target_loss(m))
 
-            _verify(plan, fresh, model, result, reduce, single)
+            _verify(plan, fresh, model, result, inner, single)
+        if not single and inner != reduce:
+            result = reference.reduce_sim(result, reduce)
     return result
 
 
@@ -511,7 +573,8 @@ def _score_aggregated(model, plan, record_fn, losses, target, n, dtype, chunk) -
     G = _param_grads(target, plan.params, retain=True)
     if all(g is None for g in G.values()):
         raise ScoringError("target_loss does not depend on any selected parameter; check `params`")
-    out_grads = _grads_to_outputs(losses, plan.layers, retain=False)
+    generic = {k: p for k, p in plan.generic.items() if G[k] is not None}
+    out_grads, reverse = _grads_to_outputs(losses, plan.layers, retain=False, extra=generic)
     total = torch.zeros(n, dtype=reference.score_dtype(dtype), device=losses.device)
     by_id = {id(p): k for k, p in plan.params.items()}
     for layer, gs in zip(plan.layers, out_grads):
@@ -522,10 +585,10 @@ def _score_aggregated(model, plan, record_fn, losses, target, n, dtype, chunk) -
             Gl["bias"] = G[by_id[id(layer.module.bias)]]
         Gl = {k: v for k, v in Gl.items() if v is not None}
         total += _ghost_aggregated(layer, gs, Gl, n, dtype, chunk)
-    generic = {k: p for k, p in plan.generic.items() if G[k] is not None}
     if generic and n > 0:
-        jv = _jvp_records(model, record_fn, generic, [G[k].detach() for k in generic])
-        total += jv.detach().to(total.dtype)
+        jv = _jvp_records(model, record_fn, generic, [G[k].detach() for k in generic]).detach()
+        _check_jvp(jv, reverse, {k: G[k].detach() for k in generic})
+        total += jv.to(total.dtype)
     return total
 
 
@@ -567,19 +630,22 @@ def _score_pairwise(model, plan, record_fn, losses, target, n, dtype, chunk, red
     m_targets = target.shape[0]
     acc = reference.score_dtype(dtype)
     # Output gradients of the targets (per target, when target m depends on row m only) and of the records.
+    names = {id(p): k for k, p in plan.params.items()}
+    generic = dict(plan.generic)  # + convs without a Gram form (Conv3d, groups > 1): the JVP path
+    for layer in plan.layers:
+        if isinstance(layer.module, _CONV) and not _pairwise_ok(layer.module):
+            generic.update({names[id(p)]: p for p in _layer_params(layer)})
     t_grads = _grads_to_outputs(target, _with_calls(plan.layers, "target_calls"), retain=True)
-    r_grads = _grads_to_outputs(losses, plan.layers, retain=True)
+    r_grads, reverse = _grads_to_outputs(losses, plan.layers, retain=True, extra=generic)
     if not _one_row_per_target(target, plan.layers, t_grads):
-        return _score_per_target(model, plan, record_fn, losses, target, r_grads, n, dtype, chunk, reduce)
+        return _score_per_target(model, plan, record_fn, losses, target, r_grads, reverse, n, dtype, chunk, reduce)
 
     xa, ga, xb, gb, embeddings = [], [], [], [], []
-    names = {id(p): k for k, p in plan.params.items()}
     for layer, rg, tg in zip(plan.layers, r_grads, t_grads):
         if isinstance(layer.module, nn.Embedding):
             embeddings.append((layer, rg, tg))
             continue
-        if isinstance(layer.module, _CONV) and not _pairwise_ok(layer.module):  # Conv3d, groups > 1: the JVP path
-            plan.generic.update({names[id(p)]: p for p in _layer_params(layer)})
+        if isinstance(layer.module, _CONV) and not _pairwise_ok(layer.module):
             continue
         a = _layer_sides(layer, layer.calls, rg, n)
         b = _layer_sides(layer, layer.target_calls, tg, m_targets)
@@ -593,7 +659,6 @@ def _score_pairwise(model, plan, record_fn, losses, target, n, dtype, chunk, red
             x_b, g_b = _materialise(x_b, g_b, chunk), torch.ones(m_targets, 1, dtype=x_b.dtype, device=x_b.device)
         xa.append(x_a.to(dtype)), ga.append(g_a.to(dtype)), xb.append(x_b.to(dtype)), gb.append(g_b.to(dtype))
 
-    generic = dict(plan.generic)
     extra_needed = bool(embeddings) or bool(generic)
     op_reduce = "none" if extra_needed else reduce
     out_shape = (n, m_targets) if op_reduce == "none" else (n,)
@@ -609,8 +674,7 @@ def _score_pairwise(model, plan, record_fn, losses, target, n, dtype, chunk, red
     for layer, rg, tg in embeddings:
         result += _embedding_pairwise(layer, rg, tg, n, m_targets, dtype, chunk).to(acc)
     if generic:
-        Gm = _per_target_grads(target, generic, chunk)
-        result += _jvp_batched(model, record_fn, generic, Gm, n).to(acc)
+        result += _jvp_checked(model, record_fn, generic, target, reverse, n, chunk).to(acc)
     if extra_needed:
         result = reference.reduce_sim(result, reduce)
     return result
@@ -618,14 +682,28 @@ def _score_pairwise(model, plan, record_fn, losses, target, n, dtype, chunk, red
 
 def _one_row_per_target(target: Tensor, layers: list[_Layer], t_grads) -> bool:
     """Whether target m depends on row m of every scored call only, as the Gram path assumes (e.g. M log-probs of M
-    probe states). Equal row counts are not enough (a target may mix rows), so one extra backward of a random
-    combination w . target checks that each call's output gradient is w_row times that of sum(target), row by row."""
+    probe states). Equal row counts are not enough (a target may mix rows). Exactly: each target's gradient on every
+    row, one batched backward, must be zero off its own row (autograd gives exact zeros where there is no
+    dependence); when that [M, M, ...] tensor would be too large, a random combination w . target must give each
+    row w_row times the output gradient of sum(target), up to rounding (a cross-row term below the rounding of a row
+    whose own target is far larger can pass there)."""
     m_targets = target.shape[0]
     calls = [(y, g) for layer, tg in zip(layers, t_grads) for (_, y), g in zip(layer.target_calls, tg) if g is not None]
     if any(y.shape[0] != m_targets for y, _ in calls):
         return False
     if not calls:
         return True
+    ys = [y for y, _ in calls]
+    if m_targets * sum(y.numel() for y in ys) <= 2**24:
+        eye = torch.eye(m_targets, dtype=target.dtype, device=target.device)
+        try:
+            per = torch.autograd.grad(target, ys, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
+                                      allow_unused=True)
+        except RuntimeError:  # an op without a batching rule: the random-combination test below
+            per = None
+        if per is not None:
+            off = ~torch.eye(m_targets, dtype=torch.bool, device=target.device)
+            return not any(bool(g[off].ne(0).any()) for g in per if g is not None)
     w = torch.rand(m_targets, generator=torch.Generator().manual_seed(0), dtype=torch.float64).add_(1.0)
     w = w.to(dtype=target.dtype, device=target.device)
     gw = torch.autograd.grad(target, [y for y, _ in calls], grad_outputs=w, retain_graph=True, allow_unused=True)
@@ -692,13 +770,16 @@ def _per_target_grads(target: Tensor, params: dict[str, nn.Parameter], chunk: in
             for g, p in zip(grads, ps)]
 
 
-def _jvp_batched(model, record_fn, generic, Gm: list[Tensor], n: int) -> Tensor:
-    """[N, M]: column m = (d record_losses / d generic) . grad t_m."""
-    cols = [_jvp_records(model, record_fn, generic, [g[i].detach() for g in Gm]).detach() for i in range(len(Gm[0]))]
-    return torch.stack(cols, 1) if cols else torch.zeros(n, 0)
+def _jvp_checked(model, record_fn, generic, target: Tensor, reverse: dict, n: int, chunk: int) -> Tensor:
+    """[N, M]: column m = (d record_losses / d generic) . grad t_m, cross-checked against reverse mode."""
+    Gm = [g.detach() for g in _per_target_grads(target, generic, chunk)]
+    cols = [_jvp_records(model, record_fn, generic, [g[i] for g in Gm]).detach() for i in range(len(Gm[0]))]
+    jv = torch.stack(cols, 1) if cols else torch.zeros(n, 0)
+    _check_jvp(jv, reverse, dict(zip(generic, Gm)))
+    return jv
 
 
-def _score_per_target(model, plan, record_fn, losses, target, r_grads, n, dtype, chunk, reduce) -> Tensor:
+def _score_per_target(model, plan, record_fn, losses, target, r_grads, reverse, n, dtype, chunk, reduce) -> Tensor:
     """Targets whose activations are not one row per target: full per-target gradients, then per-layer contraction."""
     acc = reference.score_dtype(dtype)
     m_targets = target.shape[0]
@@ -717,16 +798,13 @@ def _score_per_target(model, plan, record_fn, losses, target, r_grads, n, dtype,
                 G["bias"] = gbias[mi]
             result[:, mi] += _ghost_aggregated(layer, rg, G, n, dtype, chunk).to(acc)
     if plan.generic:
-        G_generic = _per_target_grads(target, plan.generic, chunk)
-        result += _jvp_batched(model, record_fn, plan.generic, G_generic, n).to(acc)
+        result += _jvp_checked(model, record_fn, plan.generic, target, reverse, n, chunk).to(acc)
     return reference.reduce_sim(result, reduce)
 
 
 def _verify(plan, fresh, model, result, reduce, single) -> None:
     """sum_i score_i must equal <grad sum_i l_i, grad target> (exact identity, cheap): catches missed contributions.
-    `fresh(model) -> (record_losses, target)` runs a new forward."""
-    if not single and reduce in ("max", "min"):
-        return
+    `fresh(model) -> (record_losses, target)` runs a new forward. reduce is none, sum or mean here."""
     with torch.enable_grad():
         out, target = fresh(model)
         ps = list(plan.params.values())

@@ -415,3 +415,157 @@ def test_deterministic_across_thread_counts():
     finally:
         torch.set_num_threads(old)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Legitimate PyTorch that once went wrong (found by an adversarial audit): oracle = one autograd.grad per record
+# ---------------------------------------------------------------------------------------------------------------------
+def loop_oracle(model, record_loss, target_loss):
+    """[N] (scalar target) or [N, M]: per-record gradients against per-target gradients, one backward each."""
+    ps = [p for p in model.parameters() if p.requires_grad]
+
+    def flat(out):
+        gs = torch.autograd.grad(out, ps, retain_graph=True, allow_unused=True)
+        gs = [torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g for g, p in zip(gs, ps)]
+        return torch.cat([g.reshape(-1) for g in gs])
+
+    losses, target = record_loss(model), target_loss(model)
+    r = torch.stack([flat(losses[i]) for i in range(len(losses))]).double()
+    t = flat(target)[None] if target.dim() == 0 else torch.stack([flat(target[m]) for m in range(len(target))])
+    s = r @ t.double().T
+    return s[:, 0] if target.dim() == 0 else s
+
+
+def test_inplace_ops_on_a_scored_layers_output():
+    """ReLU(inplace=True) / mul_ on a Linear's or a conv's output move the captured output in the graph: the forward
+    is captured again with copies, and the scores stay exact."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(4, 5), nn.ReLU(inplace=True), nn.Linear(5, 3)).double()
+    x, xt = torch.randn(6, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+
+    class Conv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(2, 3, 2), nn.Linear(12, 3)
+
+        def forward(self, z):
+            h = self.c(z)
+            h.mul_(0.5).relu_()
+            return self.fc(h.flatten(1))
+
+    conv = Conv().double()
+    z, zt = torch.randn(6, 2, 3, 3, dtype=torch.float64), torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    for model, a, b in ((mlp, x, xt), (conv, z, zt)):
+        def record_loss(m):
+            return m(a).pow(2).sum(1)
+
+        for target in (lambda m: m(b).sum(), lambda m: m(b)[:, 0]):
+            assert rel_err(fastattr.score(model, record_loss, target), loop_oracle(model, record_loss, target)) < 1e-10
+
+
+def test_no_grad_pass_inside_record_loss():
+    """A baseline computed under torch.no_grad() inside record_loss carries no gradient. Ghost path: exact. JVP path
+    (forward mode ignores no_grad): a clear error instead of scores off by a factor, and .detach() works."""
+    torch.manual_seed(1)
+    x, xt = torch.randn(5, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    lin = nn.Linear(4, 2).double()
+
+    def record_loss(m):
+        with torch.no_grad():
+            old = m(x)
+        return ((m(x) - 0.5 * old + 1) ** 2).sum(1)
+
+    def target(m):
+        return m(xt).sum()
+
+    assert rel_err(fastattr.score(lin, record_loss, target), loop_oracle(lin, record_loss, target)) < 1e-10
+    norm = nn.LayerNorm(4).double()
+    with torch.no_grad():
+        norm.weight.normal_(), norm.bias.normal_()
+    with pytest.raises(fastattr.ScoringError, match="no_grad"):
+        fastattr.score(norm, record_loss, target)
+    with pytest.raises(fastattr.ScoringError, match="no_grad"):
+        fastattr.score(norm, record_loss, lambda m: m(xt)[:, 0])
+
+    def detached(m):
+        return ((m(x) - 0.5 * m(x).detach() + 1) ** 2).sum(1)
+
+    assert rel_err(fastattr.score(norm, detached, target), loop_oracle(norm, detached, target)) < 1e-10
+
+
+def test_layer_called_with_a_keyword_input():
+    class KW(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 2)
+
+        def forward(self, z):
+            return self.l(input=z)
+
+    model = KW().double()
+    x, xt = torch.randn(4, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+
+    def record_loss(m):
+        return m(x).pow(2).sum(1)
+
+    def target(m):
+        return m(xt).sum(1)
+
+    assert rel_err(fastattr.score(model, record_loss, target), loop_oracle(model, record_loss, target)) < 1e-10
+
+
+def test_targets_mixing_rows_at_very_different_scales():
+    """Target 1 depends on row 0, whose own target is 1e5 times larger: a tolerance relative to the row would miss
+    it; the exact check (zero off the own row) does not."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 1))
+    x, xt = torch.randn(6, 4), torch.randn(3, 4)
+
+    def record_loss(m):
+        return m(x.to(m[0].weight.dtype))[:, 0] ** 2
+
+    def target(m):
+        y = m(xt.to(m[0].weight.dtype))[:, 0]
+        return torch.stack([1e5 * y[0], y[1] + y[0], y[2]])
+
+    exact = loop_oracle(model.double(), record_loss, target)
+    assert rel_err(fastattr.score(model.float(), record_loss, target)[:, 1], exact[:, 1]) < 1e-4
+
+
+def test_sparse_embedding_and_attention_in_eval_mode():
+    torch.manual_seed(3)
+    emb = nn.Sequential(nn.Embedding(7, 4, sparse=True), nn.Flatten(), nn.Linear(8, 2)).double()
+    tok, tok_t = torch.randint(0, 7, (5, 2)), torch.randint(0, 7, (3, 2))
+
+    def record_loss(m):
+        return m(tok).pow(2).sum(1)
+
+    def target(m):
+        return m(tok_t).sum()
+
+    assert rel_err(fastattr.score(emb, record_loss, target), loop_oracle(emb, record_loss, target)) < 1e-10
+    mha = nn.MultiheadAttention(4, 2, batch_first=True).double().eval()  # eval: torch's fast path, no forward AD
+    q, qt = torch.randn(5, 3, 4, dtype=torch.float64), torch.randn(2, 3, 4, dtype=torch.float64)
+
+    def attn_loss(m):
+        return m(q, q, q, need_weights=False)[0].pow(2).sum((1, 2))
+
+    def attn_target(m):
+        return m(qt, qt, qt, need_weights=False)[0].sum()
+
+    assert rel_err(fastattr.score(mha, attn_loss, attn_target), loop_oracle(mha, attn_loss, attn_target)) < 1e-10
+
+
+def test_check_with_max_and_min_still_checks():
+    lin = nn.Linear(3, 2).double()
+    x, xt = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+
+    def record_loss(m):
+        return (m(x) + F.linear(x, m.weight)).pow(2).sum(1)
+
+    def target(m):
+        return (m(xt) + F.linear(xt, m.weight)).sum(1)
+
+    for reduce in ("max", "min"):
+        with pytest.raises(RuntimeError, match="used outside the module"):
+            fastattr.score(lin, record_loss, target, reduce=reduce, check=True)
