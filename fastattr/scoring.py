@@ -446,7 +446,8 @@ def _check_jvp(jv: Tensor, reverse: dict[str, Tensor | None], tangents: dict[str
         raise ScoringError(
             f"the general (forward-mode JVP) path for module(s) {mods} disagrees with reverse mode: scores sum to "
             f"{got.tolist()[:4]} but the gradients give {expect.tolist()[:4]}. Usually a torch.no_grad() block inside "
-            "record_loss (forward-mode AD ignores it): compute that value with .detach() or outside record_loss"
+            "record_loss (forward-mode AD ignores it: compute that value with .detach() or outside record_loss), or "
+            "randomness in the forward, which the JVP pass draws anew (dropout in training mode: call model.eval())"
         )
 
 

@@ -569,3 +569,21 @@ def test_check_with_max_and_min_still_checks():
     for reduce in ("max", "min"):
         with pytest.raises(RuntimeError, match="used outside the module"):
             fastattr.score(lin, record_loss, target, reduce=reduce, check=True)
+
+
+def test_dropout_in_training_mode_on_the_jvp_path_is_an_error():
+    """The JVP pass runs the forward again and draws new dropout masks: caught by the reverse-mode cross-check."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Dropout(0.3), nn.Linear(6, 2)).double().train()
+    x, xt = torch.randn(5, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+
+    def record_loss(m):
+        return m(x).pow(2).sum(1)
+
+    def target(m):
+        return m(xt).sum()
+
+    with pytest.raises(fastattr.ScoringError, match="dropout"):
+        fastattr.score(model, record_loss, target)
+    model.eval()
+    assert rel_err(fastattr.score(model, record_loss, target), loop_oracle(model, record_loss, target)) < 1e-10
