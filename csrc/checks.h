@@ -25,11 +25,12 @@ inline at::ScalarType score_dtype(at::ScalarType t) {
 
 // x: [N, T, d_in], g: [N, T, d_out] after as_3d.
 inline void check_layer_pair(const at::Tensor& x, const at::Tensor& g, const char* op, const std::string& where) {
-  TORCH_CHECK(x.size(0) == g.size(0), op, ": ", where, " x and g disagree on N: ", x.size(0), " vs ", g.size(0));
-  TORCH_CHECK(x.size(1) == g.size(1), op, ": ", where, " x and g disagree on T: ", x.size(1), " vs ", g.size(1));
-  TORCH_CHECK(x.scalar_type() == g.scalar_type(), op, ": ", where, " x and g dtypes differ: ", x.scalar_type(),
+  const char* sep = where.empty() ? "" : " ";
+  TORCH_CHECK(x.size(0) == g.size(0), op, ": ", where, sep, "x and g disagree on N: ", x.size(0), " vs ", g.size(0));
+  TORCH_CHECK(x.size(1) == g.size(1), op, ": ", where, sep, "x and g disagree on T: ", x.size(1), " vs ", g.size(1));
+  TORCH_CHECK(x.scalar_type() == g.scalar_type(), op, ": ", where, sep, "x and g dtypes differ: ", x.scalar_type(),
               " vs ", g.scalar_type());
-  TORCH_CHECK(x.device() == g.device(), op, ": ", where, " x and g are on different devices");
+  TORCH_CHECK(x.device() == g.device(), op, ": ", where, sep, "x and g are on different devices");
 }
 
 inline void check_grad_dot(const at::Tensor& x3, const at::Tensor& g3, const at::Tensor& target,

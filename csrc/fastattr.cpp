@@ -35,12 +35,8 @@ TORCH_LIBRARY(fastattr, m) {
 
 TORCH_LIBRARY_IMPL(fastattr, CompositeExplicitAutograd, m) { m.impl("cuda_version", &cuda_version); }
 
-// Scoring ops are forward-only: they read detached activations and output gradients.
-TORCH_LIBRARY_IMPL(fastattr, Autograd, m) {
-  m.impl("grad_dot", torch::CppFunction::makeFallthrough());
-  m.impl("grad_sim_reduce", torch::CppFunction::makeFallthrough());
-  m.impl("grad_norm", torch::CppFunction::makeFallthrough());
-}
+// Scoring ops are forward-only (they read detached activations and output gradients): fastattr/ops.py registers
+// an autograd formula whose backward is a clear error, so a graph through them never silently drops a gradient.
 
 }  // namespace fastattr
 

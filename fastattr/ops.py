@@ -11,7 +11,6 @@ an error instead (benchmarks set it, so they never time the fallback by accident
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
@@ -38,15 +37,15 @@ def cuda_version() -> int:
     return int(torch.ops.fastattr.cuda_version()) if HAS_C else -1
 
 
+# Which kernels _C registered, read once at import (registrations are fixed then): a plain dict, so torch.compile
+# traces the wrappers below without a graph break.
+_KERNELS = {(op, dev): HAS_C and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattr::{op}", key)
+            for op in OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
 def has_kernel(op: str, device: torch.device | str) -> bool:
     """True when a compiled kernel of `op` exists for the device type (cpu, cuda)."""
-    return _has_kernel(op, torch.device(device).type)
-
-
-@functools.lru_cache(maxsize=None)
-def _has_kernel(op: str, device_type: str) -> bool:  # registrations are fixed once _C is loaded
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return HAS_C and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastattr::{op}", key)
+    return _KERNELS.get((op, torch.device(device).type), False)
 
 
 def _use_kernel(op: str, device: torch.device) -> bool:
@@ -93,29 +92,58 @@ def grad_norm(x: list[Tensor], g: list[Tensor]) -> Tensor:
     return reference.grad_norm(x, g)
 
 
-# ---- fake kernels: shapes and dtypes only, for torch.compile and opcheck ----
+# ---- fake kernels: shapes, dtypes and devices, for torch.compile and opcheck (the kernels' checks, in short) ----
 if HAS_C:
 
     def _rows(t: Tensor) -> int:
         torch._check(t.dim() in (2, 3), lambda: f"expected [N, d] or [N, T, d], got {tuple(t.shape)}")
         return t.shape[0]
 
+    def _same(op: str, tensors) -> Tensor:
+        """The first tensor, after checking that all are floating point of one dtype on one device (a meta tensor
+        mixed with real ones would otherwise get an uninitialised real output)."""
+        first = tensors[0]
+        for t in tensors:
+            torch._check(t.is_floating_point(), lambda: f"{op}: inputs must be floating point, got {t.dtype}")
+            torch._check(t.dtype == first.dtype and t.device == first.device,
+                         lambda: f"{op}: inputs on different devices or of different dtypes "
+                                 f"({first.device}/{first.dtype} vs {t.device}/{t.dtype})")
+        return first
+
     @torch.library.register_fake("fastattr::grad_dot")
     def _grad_dot_fake(x, g, target, target_bias):
+        _same("grad_dot", [x, g, target] + ([target_bias] if target_bias is not None else []))
         n = _rows(x)
         torch._check(g.shape[0] == n, lambda: "grad_dot: x and g disagree on N")
         torch._check(target.dim() == 2 and target.shape[0] == g.shape[-1] and target.shape[1] == x.shape[-1],
                      lambda: "grad_dot: target must be [d_out, d_in]")
+        torch._check(target_bias is None or tuple(target_bias.shape) == (g.shape[-1],),
+                     lambda: "grad_dot: target_bias must be [d_out]")
         return x.new_empty((n,), dtype=reference.score_dtype(x.dtype))
 
     @torch.library.register_fake("fastattr::grad_sim_reduce")
     def _grad_sim_reduce_fake(xa, ga, xb, gb, reduce, threshold=0.0):
         torch._check(len(xa) > 0 and len(xa) == len(ga) == len(xb) == len(gb), lambda: "one entry per layer")
+        torch._check(reduce in reference.REDUCTIONS, lambda: f"grad_sim_reduce: unknown reduce {reduce!r}")
+        first = _same("grad_sim_reduce", list(xa) + list(ga) + list(xb) + list(gb))
         n, m = _rows(xa[0]), _rows(xb[0])
+        torch._check(m != 0 or reduce in ("none", "sum", "count_gt"),
+                     lambda: f"grad_sim_reduce: reduce='{reduce}' over M=0 targets is undefined")
         shape = (n, m) if reduce == "none" else (n,)
-        return xa[0].new_empty(shape, dtype=reference.score_dtype(xa[0].dtype))
+        return first.new_empty(shape, dtype=reference.score_dtype(first.dtype))
 
     @torch.library.register_fake("fastattr::grad_norm")
     def _grad_norm_fake(x, g):
         torch._check(len(x) > 0 and len(x) == len(g), lambda: "one entry per layer")
-        return x[0].new_empty((_rows(x[0]),), dtype=reference.score_dtype(x[0].dtype))
+        first = _same("grad_norm", list(x) + list(g))
+        return first.new_empty((_rows(x[0]),), dtype=reference.score_dtype(first.dtype))
+
+    def _no_backward(op: str):
+        def backward(ctx, *grads):
+            raise RuntimeError(f"fastattr::{op} has no backward: scores are computed from detached activations and "
+                               "output gradients. Detach its inputs (fastattr.score does), or differentiate "
+                               f"fastattr.reference.{op} instead")
+        return backward
+
+    for _op in OPS:  # forward-only ops: a backward through them is an error, never a silently missing gradient
+        torch.library.register_autograd(f"fastattr::{_op}", _no_backward(_op))

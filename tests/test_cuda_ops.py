@@ -225,8 +225,7 @@ def test_cuda_graph_capture_and_replay(op):
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(op):
     for args in sample_inputs(op, "cuda", torch.float32):
-        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and i == 0 else a for i, a in enumerate(args))
-        torch.library.opcheck(kernel(op), args)
+        torch.library.opcheck(kernel(op), args)  # forward-only ops (a backward is an error, tests/test_ops.py)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

@@ -134,9 +134,54 @@ def test_grad_sim_reduce_bad_input_raises():
 @pytest.mark.parametrize("op", OPS)
 def test_opcheck(op):
     kernel(op)
-    for args in sample_inputs(op, "cpu", torch.float32):
-        args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and i == 0 else a for i, a in enumerate(args))
+    for args in sample_inputs(op, "cpu", torch.float32):  # forward-only ops: inputs that do not require grad
         torch.library.opcheck(getattr(torch.ops.fastattr, op).default, args)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_backward_through_an_op_is_a_clear_error_eager_and_compiled(op):
+    """An input that requires grad: eager, the output requires grad and a backward through it stops with an error
+    naming the op (instead of a silently missing gradient); compiled, AOT autograd meets that error when it traces
+    the backward. Under no_grad both run."""
+    kernel(op)
+    fn = getattr(torch.ops.fastattr, op).default
+    args = sample_inputs(op, "cpu", torch.float32)[1]
+    first = args[0] if isinstance(args[0], torch.Tensor) else args[0][0]
+    first.requires_grad_(True)
+    out = fn(*args)
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match=f"fastattr::{op} has no backward"):
+        out.sum().backward()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match=f"fastattr::{op} has no backward"):
+        compiled(*args).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*args), fn(*args))
+
+
+def test_meta_tensors_mixed_with_real_ones_are_refused():
+    kernel("grad_dot")
+    meta = torch.empty(4, 6, device="meta")
+    with pytest.raises(RuntimeError, match="different devices"):
+        torch.ops.fastattr.grad_dot(torch.randn(4, 5), meta, torch.randn(6, 5), None)
+    with pytest.raises(RuntimeError, match="different devices"):
+        torch.ops.fastattr.grad_norm([torch.randn(4, 5)], [meta])
+    with pytest.raises(RuntimeError, match="target_bias"):  # the fake kernel checks what the kernel checks
+        torch.ops.fastattr.grad_dot(torch.empty(4, 5, device="meta"), meta, torch.empty(6, 5, device="meta"),
+                                    torch.empty(7, device="meta"))
+    out = torch.ops.fastattr.grad_dot(torch.empty(4, 5, device="meta"), meta, torch.empty(6, 5, device="meta"), None)
+    assert out.device.type == "meta" and out.shape == (4,)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_public_wrappers_compile_without_graph_breaks(op):
+    kernel(op)
+    wrapper = getattr(ops, op)
+    args = sample_inputs(op, "cpu", torch.float32)[1]
+    if op == "grad_sim_reduce":
+        args = args[:5]
+    compiled = torch.compile(lambda *a: wrapper(*a) * 2, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(*args), wrapper(*args) * 2)
 
 
 @pytest.mark.parametrize("op", OPS)
