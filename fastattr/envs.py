@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -90,9 +91,17 @@ def check_env_id(env_id: str) -> None:
     """Raises ValueError with close matches when gymnasium does not know env_id."""
     if not isinstance(env_id, str) or not env_id:
         raise ValueError(f"--env-id must be a gymnasium id such as 'CartPole-v1', got {env_id!r}")
-    _import_env_package(env_id)
+    if ":" in env_id:  # 'my_module:MyEnv-v0': gym.make imports my_module (which registers the id); so do we
+        module, _, name = env_id.partition(":")
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ValueError(f"--env-id {env_id!r}: cannot import module {module!r} ({e}); put it on PYTHONPATH") from e
+    else:
+        name = env_id
+    _import_env_package(name)
     try:
-        gym.spec(env_id)
+        gym.spec(name)
     except gym.error.Error as e:
         close = difflib.get_close_matches(env_id, list(gym.registry), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see gymnasium.pprint_registry() for known ids"
@@ -229,11 +238,6 @@ def check_spaces(obs_space: gym.Space, act_space: gym.Space, env_id: str) -> Non
     elif isinstance(obs_space, gym.spaces.Box):
         if not np.issubdtype(obs_space.dtype, np.number):
             raise ValueError(f"{env_id}: unsupported observation dtype {obs_space.dtype}")
-        shape = obs_space.shape
-        if obs_space.dtype == np.uint8 and len(shape) == 3 and shape[0] < min(shape[1], shape[2]):  # SB3's test
-            raise ValueError(f"{env_id}: image observations {shape} look channel-first (C, H, W); the CNN takes "
-                             "(H, W, C): wrap the env with a transpose (e.g. gymnasium.wrappers.TransformObservation "
-                             "with np.moveaxis(obs, 0, -1) and the matching space)")
     else:
         raise ValueError(
             f"{env_id}: unsupported observation space {obs_space}; fastattr's PPO takes Box or Discrete observations "
@@ -243,7 +247,8 @@ def check_spaces(obs_space: gym.Space, act_space: gym.Space, env_id: str) -> Non
         return
     if isinstance(act_space, gym.spaces.Box) and len(act_space.shape) == 1:
         if not (np.all(np.isfinite(act_space.low)) and np.all(np.isfinite(act_space.high))):
-            raise ValueError(f"{env_id}: continuous actions need finite bounds, got {act_space}")
+            raise ValueError(f"{env_id}: continuous actions need finite bounds, got {act_space}; wrap the env "
+                             "(e.g. gymnasium.wrappers.RescaleAction or ClipAction) and register it under its own id")
         return
     raise ValueError(
         f"{env_id}: unsupported action space {act_space}; fastattr's PPO takes Discrete or 1-D Box actions"

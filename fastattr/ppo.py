@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -187,12 +188,15 @@ def validate_args(args: Args) -> Args:
          f"--score-adv-norm must be minibatch, buffer or none, got {args.score_adv_norm!r}")
     need(args.update_backend in ("auto", "torch", "numpy"),
          f"--update-backend must be auto, torch or numpy, got {args.update_backend!r}")
+    need(args.update_backend != "numpy" or (args.optimizer == "sgd" and args.network != "cnn"),
+         "--update-backend numpy needs an MLP agent and plain SGD (--optimizer sgd); use --update-backend torch")
     need(args.env_stream in ("continue", "reseed"),
          f"--env-stream must be continue or reseed, got {args.env_stream!r}")
     need(args.minibatch_remainder in ("keep", "drop"),
          f"--minibatch-remainder must be keep or drop, got {args.minibatch_remainder!r}")
     need(args.preset in ("", "paper"), f"--preset must be 'paper' or empty, got {args.preset!r}")
     need(isinstance(args.env_kwargs, dict), f"--env-kwargs must be a JSON object, got {args.env_kwargs!r}")
+    need(isinstance(args.seed, int) and 0 <= args.seed < 2**32, f"--seed must be in [0, 2^32), got {args.seed!r}")
     envs_lib.check_env_id(args.env_id)
     if args.probe:
         need(args.save_attribution, "--probe stores action-target scores with the attribution: add --save-attribution")
@@ -232,6 +236,10 @@ class Agent(nn.Module):
             network = "cnn" if is_image else "mlp"
         if network == "cnn" and not is_image:
             raise ValueError(f"--network cnn needs uint8 HxWxC image observations, got {obs_space}")
+        if network == "cnn" and obs_space.shape[0] < min(obs_space.shape[1:]):  # SB3's channel-first test
+            raise ValueError(f"image observations {obs_space.shape} look channel-first (C, H, W); the CNN takes "
+                             "(H, W, C): wrap the env with a transpose (gymnasium.wrappers.TransformObservation with "
+                             "np.moveaxis(obs, 0, -1) and the matching space), or pass --network mlp")
         self.network = network
         if isinstance(obs_space, gym.spaces.Discrete):
             self.obs_kind, in_dim = "onehot", int(obs_space.n)
@@ -768,6 +776,9 @@ def train_env_seeds(args: Args) -> int | list[int]:
     return [_derived_seed(args.seed, 0x7E5, i) % 2**31 for i in range(args.num_envs)]
 
 
+EVAL_EPISODE_CAP = 100_000  # steps; an env without a time limit could otherwise evaluate forever
+
+
 @torch.no_grad()
 def evaluate(agent: Agent, eval_envs: gym.vector.VectorEnv, episodes: int, seed: int, round_: int) -> dict:
     """Mean undiscounted return of `episodes` episodes of the *stochastic* policy (as the paper).
@@ -801,6 +812,9 @@ def evaluate(agent: Agent, eval_envs: gym.vector.VectorEnv, episodes: int, seed:
         _check_finite(obs, "observation", env_id, step)
         ep_ret += reward
         ep_len += 1
+        if ep_len.max() > EVAL_EPISODE_CAP:
+            raise ValueError(f"{env_id}: an evaluation episode ran {EVAL_EPISODE_CAP:,} steps without ending (the env "
+                             "has no time limit); pass --env-kwargs '{\"max_episode_steps\": 1000}' (or another cap)")
         for i in np.nonzero(terminated | truncated)[0]:
             if done_count[i] < quota[i]:
                 returns.append(ep_ret[i])
@@ -861,6 +875,12 @@ def prepare_run_dir(args: Args) -> tuple[Path, dict | None]:
     lock_run_dir(run_dir)  # before reading or writing anything in it: a second process stops here
     if args_file.exists():
         diff = args_differences(recorded_args(run_dir), mine)
+        if diff and not _holds_results(run_dir):  # stopped before its first round (e.g. a bad env setting)
+            print(f"run dir {run_dir}: its run stopped before finishing a round ({diff}); starting over with the new "
+                  "arguments", file=sys.stderr)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            _atomic_write_text(args_file, json.dumps(mine, indent=2, sort_keys=True) + "\n")
+            return run_dir, None
         if diff:
             raise RunDirError(f"run dir {run_dir} holds another run ({diff}); choose another --run-dir, or pass "
                               "the same arguments to --resume it. Nothing was changed.")
@@ -875,6 +895,11 @@ def prepare_run_dir(args: Args) -> tuple[Path, dict | None]:
 
 
 LOCK_FILE = ".lock"
+
+
+def _holds_results(run_dir: Path) -> bool:
+    """Anything beyond args.json and the round-0 evaluation (a checkpoint, saved attribution, ...)."""
+    return any(p.is_file() and p.name not in (LOCK_FILE, "args.json", "metrics.jsonl") for p in run_dir.rglob("*"))
 _held_locks: dict[str, object] = {}  # resolved run dir -> the open lock file this process holds
 
 
@@ -975,9 +1000,6 @@ def restore_checkpoint(ckpt: dict, agent: Agent, optimizer, generator: torch.Gen
     generator.set_state(rng["train"])
     filter_rng = np.random.default_rng()
     filter_rng.bit_generator.state = json.loads(rng["filter"])
-    ng = rng["numpy_global"]
-    np.random.set_state((ng[0], ng[1].numpy().astype(np.uint32), int(ng[2]), int(ng[3]), float(ng[4])))
-    random.setstate(_as_tuple(rng["python"]))
     ro = ckpt["rollout"]
     saved_obs = ro["next_obs"].numpy()
     for i, env in enumerate(envs.envs):
@@ -988,6 +1010,10 @@ def restore_checkpoint(ckpt: dict, agent: Agent, optimizer, generator: torch.Gen
             warnings.warn(f"{env_id}: training env {i} could not be rebuilt exactly from its replay record (its "
                           "randomness is not all in np_random); the resumed run continues from the saved observation "
                           "but will not be bit-identical to an uninterrupted one", RuntimeWarning, stacklevel=2)
+    # the global RNGs last: an env drawing from them during the replay must not move them
+    ng = rng["numpy_global"]
+    np.random.set_state((ng[0], ng[1].numpy().astype(np.uint32), int(ng[2]), int(ng[3]), float(ng[4])))
+    random.setstate(_as_tuple(rng["python"]))
     action_rng = np.random.default_rng()
     action_rng.bit_generator.state = json.loads(rng["actions"])
     state = RolloutState(saved_obs, ro["ep_return"].numpy().copy(), ro["ep_length"].numpy().copy(), action_rng,

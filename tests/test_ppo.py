@@ -359,11 +359,25 @@ class ShiftedActionsEnv(NaNRewardEnv):
 class ChannelFirstEnv(NaNRewardEnv):
     observation_space = gym.spaces.Box(0, 255, (3, 8, 8), np.uint8)
 
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros((3, 8, 8), np.uint8), {}
+
+    def step(self, action):
+        _, reward, term, trunc, info = super().step(action)
+        return np.zeros((3, 8, 8), np.uint8), 1.0, term, trunc, info
+
+
+class EndlessEnv(NaNRewardEnv):  # never terminates, no TimeLimit
+    def step(self, action):
+        return np.zeros(2, np.float32), 1.0, False, False, {}
+
 
 gym.register("FastattrTest/NaNReward-v0", entry_point=NaNRewardEnv)
 gym.register("FastattrTest/MultiDiscrete-v0", entry_point=MultiDiscreteEnv)
 gym.register("FastattrTest/ShiftedActions-v0", entry_point=ShiftedActionsEnv)
 gym.register("FastattrTest/ChannelFirst-v0", entry_point=ChannelFirstEnv)
+gym.register("FastattrTest/Endless-v0", entry_point=EndlessEnv)
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -372,6 +386,8 @@ gym.register("FastattrTest/ChannelFirst-v0", entry_point=ChannelFirstEnv)
     ({"env_id": "FastattrTest/MultiDiscrete-v0"}, "unsupported action space"),
     ({"env_id": "FastattrTest/ShiftedActions-v0"}, "starts at 1"),
     ({"env_id": "FastattrTest/ChannelFirst-v0"}, "channel-first"),
+    ({"optimizer": "adam", "update_backend": "numpy"}, "--update-backend numpy needs"),
+    ({"seed": -1}, "--seed must be"),
     ({"p": 0.0}, r"p \(--p"),
     ({"p": 1.5}, r"p \(--p"),
     ({"method": "best"}, "--method"),
@@ -397,6 +413,37 @@ def test_nan_reward_stops_with_the_last_good_round_kept(tmp_path):
 def test_nan_reward_in_evaluation_is_an_error_not_a_nan_return(tmp_path):
     with pytest.raises(ValueError, match=r"NaNReward-v0 \(evaluation\) returned a non-finite reward"):
         ppo.main(tiny(tmp_path, env_id="FastattrTest/NaNReward-v0", n_steps=32, total_timesteps=128, eval_episodes=1))
+
+
+def test_channel_first_images_run_with_the_mlp(tmp_path):
+    out = ppo.main(tiny(tmp_path, env_id="FastattrTest/ChannelFirst-v0", network="mlp", n_steps=32,
+                        total_timesteps=64, eval_episodes=0))
+    assert out["round"] == 2
+
+
+def test_evaluation_of_an_env_that_never_ends_stops_with_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(ppo, "EVAL_EPISODE_CAP", 500)
+    with pytest.raises(ValueError, match="without ending.*max_episode_steps"):
+        ppo.main(tiny(tmp_path, env_id="FastattrTest/Endless-v0", n_steps=32, total_timesteps=64, eval_episodes=1))
+    # that run never finished a round, so the same dir takes the fixed arguments
+    out = ppo.main(tiny(tmp_path, env_id="FastattrTest/Endless-v0", n_steps=32, total_timesteps=64, eval_episodes=1,
+                        env_kwargs={"max_episode_steps": 40}))
+    assert out["round"] == 2 and json.loads((tmp_path / "run" / "args.json").read_text())["env_kwargs"] == {
+        "max_episode_steps": 40}
+
+
+def test_env_id_with_a_module_prefix(tmp_path, monkeypatch):
+    """'module:Env-v0' as gym.make takes it: the module is imported (and registers the id) before the id is checked."""
+    (tmp_path / "my_envs_fa.py").write_text(
+        "import gymnasium as gym\n"
+        "gym.register('FastattrMod/Cart-v0', entry_point='gymnasium.envs.classic_control:CartPoleEnv', "
+        "max_episode_steps=50)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    envs.check_env_id("my_envs_fa:FastattrMod/Cart-v0")
+    with pytest.raises(ValueError, match="cannot import module"):
+        envs.check_env_id("no_such_module_fa:FastattrMod/Cart-v0")
+    out = ppo.main(tiny(tmp_path, env_id="my_envs_fa:FastattrMod/Cart-v0", n_steps=32, total_timesteps=64))
+    assert out["round"] == 2
 
 
 def test_runs_with_neighbouring_seeds_share_no_training_env():
