@@ -895,12 +895,12 @@ def prepare_run_dir(args: Args) -> tuple[Path, dict | None]:
 
 
 LOCK_FILE = ".lock"
+_held_locks: dict[str, object] = {}  # resolved run dir -> the open lock file this process holds
 
 
 def _holds_results(run_dir: Path) -> bool:
     """Anything beyond args.json and the round-0 evaluation (a checkpoint, saved attribution, ...)."""
     return any(p.is_file() and p.name not in (LOCK_FILE, "args.json", "metrics.jsonl") for p in run_dir.rglob("*"))
-_held_locks: dict[str, object] = {}  # resolved run dir -> the open lock file this process holds
 
 
 def lock_run_dir(run_dir: Path) -> None:
