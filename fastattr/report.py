@@ -141,7 +141,8 @@ COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e
 
 def curves_figure(runs: list[runinfo.Run]) -> tuple[str | None, list[dict]]:
     """Return vs env steps per method: mean over seeds with a 95% t-interval band (at the x values every seed of the
-    method has: a seed missing an evaluation does not shift the others). Returns (png base64 or None, a table of final returns per method)."""
+    method has: a seed missing an evaluation does not shift the others). Returns (png base64 or None, a table of
+    final returns per method)."""
     metrics_all = [m for r in runs for m in r.metrics]
     y = pick_key(metrics_all, RETURN_KEYS, contains="return")
     if y is None:

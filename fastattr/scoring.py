@@ -424,6 +424,11 @@ def _jvp_records(model: nn.Module, record_fn, generic: dict[str, nn.Parameter], 
     return out
 
 
+def _rel_tol(dtype: torch.dtype) -> float:
+    """Relative tolerance of the exact identities the scorer checks (float64: rounding only; else float32-level)."""
+    return 1e-9 if dtype == torch.float64 else 1e-4
+
+
 def _modules_of(param_names) -> list[str]:
     return sorted({n.rsplit(".", 1)[0] if "." in n else "(the model itself)" for n in param_names})
 
@@ -440,8 +445,7 @@ def _check_jvp(jv: Tensor, reverse: dict[str, Tensor | None], tangents: dict[str
         if r is not None:
             expect += (t.reshape(got.shape[0], -1).double() @ r.reshape(-1).double())
     scale = torch.maximum(expect.abs(), cols.abs().sum(0)).clamp_min(1e-30)
-    tol = 1e-9 if jv.dtype == torch.float64 else 1e-4
-    if bool(((got - expect).abs() > tol * scale).any()):
+    if bool(((got - expect).abs() > _rel_tol(jv.dtype) * scale).any()):
         mods = _modules_of(tangents)
         raise ScoringError(
             f"the general (forward-mode JVP) path for module(s) {mods} disagrees with reverse mode: scores sum to "
@@ -707,12 +711,11 @@ def _one_row_per_target(target: Tensor, layers: list[_Layer], t_grads) -> bool:
             return not any(bool(g[off].ne(0).any()) for g in per if g is not None)
     w = torch.rand(m_targets, generator=torch.Generator().manual_seed(0), dtype=torch.float64).add_(1.0)
     w = w.to(dtype=target.dtype, device=target.device)
-    gw = torch.autograd.grad(target, [y for y, _ in calls], grad_outputs=w, retain_graph=True, allow_unused=True)
-    tol = 1e-9 if target.dtype == torch.float64 else 1e-4
+    gw = torch.autograd.grad(target, ys, grad_outputs=w, retain_graph=True, allow_unused=True)
     for (_, g), h in zip(calls, gw):
         expect = g * w.view((-1,) + (1,) * (g.dim() - 1))
         h = torch.zeros_like(g) if h is None else h
-        if float((h - expect).abs().max()) > tol * max(float(expect.abs().max()), 1e-30):
+        if float((h - expect).abs().max()) > _rel_tol(target.dtype) * max(float(expect.abs().max()), 1e-30):
             return False
     return True
 
@@ -815,8 +818,7 @@ def _verify(plan, fresh, model, result, reduce, single) -> None:
     expect = sum(float((a.double() * b.double()).sum()) for a, b in zip(gl, gt) if a is not None and b is not None)
     got = float(result.double().sum())
     scale = max(abs(expect), float(result.double().abs().sum()), 1e-30)
-    tol = 1e-9 if result.dtype == torch.float64 else 1e-4
-    if abs(got - expect) > tol * scale:
+    if abs(got - expect) > _rel_tol(result.dtype) * scale:
         raise RuntimeError(
             f"fastattr.score check failed: sum of scores {got:.6g} != <grad sum l, grad target> {expect:.6g}. A selected "
             "parameter is used outside the module that owns it (e.g. F.linear(x, layer.weight)); score it through its "

@@ -241,9 +241,11 @@ def test_discounted_returns_by_hand():
 # Runs: resume, determinism, saved attribution, environments
 # ----------------------------------------------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # the env replay must rebuild the envs exactly
-@pytest.mark.parametrize("method,kill,env_id", [("iif", "after_checkpoint", "CartPole-v1"),
-                                                ("random", "before_checkpoint", "CartPole-v1"),
-                                                ("iif", "after_checkpoint", "FrozenLake-v1")])  # discrete obs, dict step
+@pytest.mark.parametrize("method,kill,env_id", [
+    ("iif", "after_checkpoint", "CartPole-v1"),
+    ("random", "before_checkpoint", "CartPole-v1"),
+    ("iif", "after_checkpoint", "FrozenLake-v1"),  # discrete observations, a dict lookup in step
+])
 @pytest.mark.parametrize("stream", ["continue", "reseed"])
 def test_resume_is_bit_identical(tmp_path, monkeypatch, method, kill, env_id, stream):
     def run_args(*a, **kw):

@@ -103,7 +103,8 @@ def test_compare_skips_finished_runs_and_rejects_bad_methods(tmp_path, capsys):
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert experiments.main_compare(argv + ["--learning-rate", "0.05", "--seeds", "0-1"]) == 2
     err = capsys.readouterr().err
-    assert "other settings" in err and f"learning_rate: {ppo.Args().learning_rate!r} there vs 0.05 now" in err and "ppo_s0" in err
+    assert "other settings" in err and "ppo_s0" in err
+    assert f"learning_rate: {ppo.Args().learning_rate!r} there vs 0.05 now" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not (out / "runs" / "ppo_s1").exists()
 
