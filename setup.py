@@ -5,9 +5,13 @@ Knobs (environment variables):
   FASTATTR_FORCE_CPU=1   never build the CUDA kernels
   FASTATTR_DEBUG=1       -O0 -g for both compilers
   TORCH_CUDA_ARCH_LIST   always wins; the default below is only set when no GPU is visible
+  CC, CXX                the host compilers (setuptools and torch read them); the linker must find a shared libstdc++
 """
 import os
+import shlex
+import subprocess
 import sys
+import sysconfig
 from glob import glob
 
 import torch
@@ -20,7 +24,36 @@ FORCE_CUDA, FORCE_CPU, DEBUG = (os.getenv(f"FASTATTR_{k}") == "1" for k in ("FOR
 DEFAULT_ARCH_LIST = "8.0;8.6;9.0;10.0;12.0+PTX"
 
 
+def check_shared_libstdcxx():
+    """Refuses a C++ compiler that would link libstdc++ statically into fastattr._C.
+
+    Such a toolchain (seen in a CUDA image whose CC/CXX point to an /opt/gcc that ships libstdc++.a but no
+    libstdc++.so) puts a second copy of libstdc++ beside the one torch uses. The two disagree on locale facets, so every
+    error message that formats a number (our argument checks name sizes) crashes the process with a segmentation fault
+    instead of raising. The build would succeed and the kernels would run: only the errors break.
+    """
+    cxx = shlex.split(os.getenv("CXX") or sysconfig.get_config_var("CXX") or "c++")
+
+    def library_path(name):  # the compiler's own answer; a bare name back means it has no such file
+        try:
+            out = subprocess.run([*cxx, f"-print-file-name={name}"], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None  # not a gcc-style driver: nothing to check here, the build itself will say more
+        path = out.stdout.strip()
+        return path if out.returncode == 0 and os.path.isabs(path) else None
+
+    static = library_path("libstdc++.a")
+    if static and not library_path("libstdc++.so"):
+        raise RuntimeError(
+            f"fastattr: the C++ compiler {' '.join(cxx)!r} (from CXX or Python's sysconfig) has {static} but no "
+            "libstdc++.so, so it would link libstdc++ statically into fastattr._C, beside torch's own copy: every "
+            "error message with a number in it would then crash Python with a segmentation fault. Build with a "
+            "compiler that links libstdc++ dynamically, e.g. CC=/usr/bin/gcc CXX=/usr/bin/g++ pip install ..."
+        )
+
+
 def get_extensions():
+    check_shared_libstdcxx()
     with_cuda = not FORCE_CPU and (FORCE_CUDA or torch.cuda.is_available())
     if with_cuda and (torch.version.cuda is None or CUDA_HOME is None):
         raise RuntimeError(

@@ -2,7 +2,8 @@
 # One-shot GPU check of the fastattr CUDA kernels (issue 5), prepared for a lent GPU machine (nvidia-h200: torch
 # 2.11+cu130 in python3, nvcc 13.0, pytest, ninja; no gymnasium, no network). Under 8 minutes in total:
 #   1. environment: GPU, driver, nvcc, torch;
-#   2. build fastattr._C in place with the CUDA kernels, against that machine's own torch, for sm_90 only;
+#   2. build fastattr._C in place with the CUDA kernels, against that machine's own torch, for sm_90 only (with the
+#      system gcc when CXX has no shared libstdc++);
 #   3. pytest -m cuda tests/test_cuda_ops.py (junit XML kept);
 #   4. benchmarks/bench_ops.py (JSON lines kept).
 # Everything goes to $OUT (the device tool's return folder; default benchmarks/results/gpu_check):
@@ -54,6 +55,13 @@ print(f"python {platform.python_version()}  torch {torch.__version__} (CUDA {tor
 EOF
 
 if [[ " $STEPS " == *" build "* ]]; then
+  # The lent image sets CC/CXX to an /opt/gcc with libstdc++.a only: setup.py refuses it (a static libstdc++ beside
+  # torch's crashed every error message with a number in it, 2026-11-29). Its system gcc links libstdc++ dynamically.
+  cxx_so=$(${CXX:-g++} -print-file-name=libstdc++.so 2>/dev/null)
+  if [[ "$cxx_so" != /* && -x /usr/bin/g++ ]]; then
+    echo "CXX=${CXX:-g++} has no libstdc++.so: building with /usr/bin/gcc and /usr/bin/g++"
+    export CC=/usr/bin/gcc CXX=/usr/bin/g++
+  fi
   # sm_90 only (the H200): one device pass per file keeps the build near a minute on 16 cores.
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} FASTATTR_FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
   rm -f fastattr/_C*.so
@@ -69,10 +77,12 @@ EOF
 fi
 
 if [[ " $STEPS " == *" test "* ]]; then
-  timeout_flag=()
-  "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout 120)
-  step test 300 "$PY" -m pytest -m cuda tests/test_cuda_ops.py -q -rs -p no:cacheprovider \
-    --junitxml="$OUT/pytest.xml" "${timeout_flag[@]}"
+  extra=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)
+  # xdist workers: a test that crashes the interpreter fails alone and the rest still run (and in a third the time)
+  "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 8)
+  step test 300 "$PY" -m pytest -m cuda tests/test_cuda_ops.py -q -rfs -p no:cacheprovider \
+    --junitxml="$OUT/pytest.xml" "${extra[@]}"
 fi
 
 if [[ " $STEPS " == *" bench "* ]]; then
