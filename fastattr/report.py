@@ -20,7 +20,6 @@ import datetime as _dt
 import html
 import io
 import json
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from . import analysis, runinfo, store
+from .info import git_commit
 
 SECTIONS = [("overview", "Overview"), ("curves", "Learning curves"), ("scores", "Score distributions per round"),
             ("cost", "Attribution cost per round"), ("diagnosis", "Diagnosis of learning"),
@@ -354,14 +354,6 @@ def _kpi(value: str, label: str) -> str:
     return f'<div class="kpi"><b>{html.escape(value)}</b><span>{html.escape(label)}</span></div>'
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
-                              capture_output=True, timeout=5).stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001
-        return "unknown"
-
-
 def _outputs(runs: list[runinfo.Run], root: Path, pattern: str) -> list[Path]:
     seen, out = set(), []
     for d in [root] + [r.path for r in runs]:
@@ -575,7 +567,7 @@ def build_report(root, out: str | None = None, diagnose_round: int | None = None
     page = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>fastattr report: "
             f"{html.escape(root.name)}</title><style>{CSS}</style></head><body>",
             f"<header><h1>Local data attribution report — {html.escape(envs)}</h1>"
-            f"<p>{html.escape(str(root))} · {now} · fastattr {__version__} (commit {_git_commit()})</p></header>",
+            f"<p>{html.escape(str(root))} · {now} · fastattr {__version__} (commit {git_commit()})</p></header>",
             "<nav>" + "".join(f'<a href="#{sid}">{title}</a>' for sid, title in SECTIONS) + "</nav><main>"]
     for i, (sid, title) in enumerate(SECTIONS, 1):
         page.append(f'<section id="{sid}"><h2>{i}. {title}</h2>{body[sid]}</section>')

@@ -56,6 +56,10 @@ class _Plan:
     layers: list[_Layer]
     generic: dict[str, nn.Parameter]  # selected parameters scored by the JVP path
 
+    def name_of(self, p: nn.Parameter) -> str:
+        """The name a selected parameter has in `params` (a module may know it under another, shared, name)."""
+        return next(k for k, q in self.params.items() if q is p)
+
 
 def _ghost_kind(module: nn.Module) -> str | None:
     if type(module) is nn.Linear:
@@ -581,13 +585,12 @@ def _score_aggregated(model, plan, record_fn, losses, target, n, dtype, chunk) -
     generic = {k: p for k, p in plan.generic.items() if G[k] is not None}
     out_grads, reverse = _grads_to_outputs(losses, plan.layers, retain=False, extra=generic)
     total = torch.zeros(n, dtype=reference.score_dtype(dtype), device=losses.device)
-    by_id = {id(p): k for k, p in plan.params.items()}
     for layer, gs in zip(plan.layers, out_grads):
         Gl = {}
         if layer.weight:
-            Gl["weight"] = G[by_id[id(layer.module.weight)]]
+            Gl["weight"] = G[plan.name_of(layer.module.weight)]
         if layer.bias:
-            Gl["bias"] = G[by_id[id(layer.module.bias)]]
+            Gl["bias"] = G[plan.name_of(layer.module.bias)]
         Gl = {k: v for k, v in Gl.items() if v is not None}
         total += _ghost_aggregated(layer, gs, Gl, n, dtype, chunk)
     if generic and n > 0:
@@ -635,11 +638,10 @@ def _score_pairwise(model, plan, record_fn, losses, target, n, dtype, chunk, red
     m_targets = target.shape[0]
     acc = reference.score_dtype(dtype)
     # Output gradients of the targets (per target, when target m depends on row m only) and of the records.
-    names = {id(p): k for k, p in plan.params.items()}
     generic = dict(plan.generic)  # + convs without a Gram form (Conv3d, groups > 1): the JVP path
     for layer in plan.layers:
         if isinstance(layer.module, _CONV) and not _pairwise_ok(layer.module):
-            generic.update({names[id(p)]: p for p in _layer_params(layer)})
+            generic.update({plan.name_of(p): p for p in _layer_params(layer)})
     t_grads = _grads_to_outputs(target, _with_calls(plan.layers, "target_calls"), retain=True)
     r_grads, reverse = _grads_to_outputs(losses, plan.layers, retain=True, extra=generic)
     if not _one_row_per_target(target, plan.layers, t_grads):
