@@ -5,12 +5,14 @@
 #   2. build fastattr._C in place with the CUDA kernels, against that machine's own torch, for sm_90 only (with the
 #      system gcc when CXX has no shared libstdc++);
 #   3. pytest -m cuda tests/test_cuda_ops.py (junit XML kept);
-#   4. benchmarks/bench_ops.py (JSON lines kept).
+#   4. benchmarks/bench_ops.py (JSON lines kept);
+#   5. only when STEPS names it, "profile": Nsight Compute on the pairwise kernel (ncu_pairwise_<dtype>.txt).
 # Everything goes to $OUT (the device tool's return folder; default benchmarks/results/gpu_check):
 #   gpu_check.log, pytest.xml, bench_ops.jsonl.
 #
-#   bash benchmarks/gpu_check.sh                     # all steps
+#   bash benchmarks/gpu_check.sh                     # build, test, bench
 #   STEPS="build test" bash benchmarks/gpu_check.sh  # a subset (env always runs)
+#   STEPS="build profile" bash benchmarks/gpu_check.sh  # the next tuning session's first look
 #   BENCH_ARGS="--case pairwise" bash benchmarks/gpu_check.sh
 # Exit status: 0 when every step passed, else the number of failed steps.
 set -uo pipefail
@@ -88,6 +90,17 @@ fi
 if [[ " $STEPS " == *" bench "* ]]; then
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
   step bench 240 "$PY" benchmarks/bench_ops.py --out "$OUT" ${BENCH_ARGS:-}
+fi
+
+if [[ " $STEPS " == *" profile "* ]]; then
+  # Nsight Compute on the pairwise kernel (the one furthest from its floor), one launch per dtype after warm-up:
+  # occupancy, pipe and memory throughput, warp stalls. About 30 s per dtype; not in the default STEPS.
+  for dtype in fp32 bf16; do
+    step "profile-$dtype" 150 ncu --kernel-name regex:grad_sim_kernel --launch-skip 3 --launch-count 1 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis --section WarpStateStats --log-file "$OUT/ncu_pairwise_$dtype.txt" \
+      "$PY" benchmarks/bench_ops.py --case pairwise --dtype "$dtype" --min-run-time 0.05 --out "$OUT/profile"
+  done
 fi
 
 echo "=== gpu_check done in $(($(date +%s) - t_start))s, failed steps: $failed"
