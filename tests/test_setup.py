@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="a gcc toolchain check")
 
 
 def fake_compiler(tmp_path, shared):
@@ -34,7 +35,6 @@ def setup_py_name(cxx):
                           timeout=300)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="a gcc toolchain check")
 def test_static_only_libstdcxx_is_refused(tmp_path):
     out = setup_py_name(fake_compiler(tmp_path, shared=False))
     assert out.returncode != 0
@@ -42,7 +42,6 @@ def test_static_only_libstdcxx_is_refused(tmp_path):
     assert "CXX=/usr/bin/g++" in out.stderr
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="a gcc toolchain check")
 def test_shared_libstdcxx_passes(tmp_path):
     out = setup_py_name(fake_compiler(tmp_path, shared=True))
     assert out.returncode == 0, out.stderr[-2000:]
