@@ -258,8 +258,9 @@ def to_markdown(summary: dict, title: str = "") -> str:
     lines.append(f"Against `{base}`, paired by seed; mean ± s.e. over seeds (the definitions of §5 of Hu et al., "
                  "NeurIPS 2025; see fastattr/metrics.py). RT_peak (opt) counts optimisation + influence time only, as "
                  "the paper's Table 5; RT_peak (train) counts the full training wall-clock (rollouts too, evaluation "
-                 "excluded); RT_peak (opt. steps) counts optimiser steps, which no other process's load can move. SE_ave averages "
-                 "over standard PPO's record highs, SE_ave (grid) over 20 evenly spaced returns up to its peak.")
+                 "excluded); RT_peak (opt. steps) counts optimiser steps, which no other process's load can move. "
+                 "SE_ave averages over standard PPO's record highs, SE_ave (grid) over 20 evenly spaced returns up to "
+                 "its peak.")
     lines.append("")
     lines.append("| method | seeds | final return | SE_ave | SE_ave (grid) | SE_peak | RT_peak (opt) | RT_peak (train) | "
                  f"RT_peak (opt. steps) | final gain vs {base} ({int(100 * summary['conf'])}% CI) |")
