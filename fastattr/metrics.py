@@ -93,7 +93,9 @@ def curve_from_rows(rows: list[dict]) -> Curve:
     )
 
 
-def load_curve(run_dir) -> Curve:
+def load_curve(run_dir, rounds: int | None = None) -> Curve:
+    """The run's curve; with `rounds`, only its rounds 0..rounds, i.e. the run a budget of `rounds` rounds would
+    have given (the budget sets nothing but the number of rounds: tests/test_ppo.py checks it)."""
     path = Path(run_dir) / "metrics.jsonl"
     rows = []
     for line in path.read_text().splitlines():
@@ -101,6 +103,12 @@ def load_curve(run_dir) -> Curve:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue  # a line being written
+    if rounds is not None:
+        have = max((r["round"] for r in rows), default=0)
+        if have < rounds:
+            raise ValueError(f"{run_dir} has {have} rounds, fewer than the {rounds} asked for; lower the rounds "
+                             f"or finish the run")
+        rows = [r for r in rows if r["round"] <= rounds]
     return curve_from_rows(rows)
 
 

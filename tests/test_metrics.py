@@ -177,3 +177,17 @@ def test_ablation_table_pairs_labelled_runs_by_seed(tmp_path, capsys):
     assert "| fast lr | 2 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no finished run"):
         table.main([f"x={tmp_path}/nothing_s*"])
+
+    # --rounds 1: each run read as a one-round budget, so the final gain is round 1's
+    first = {(label, seed): json.loads((tmp_path / label / f"ppo_s{seed}" / "metrics.jsonl").read_text()
+                                       .splitlines()[1])["eval_return"] for label in ("base", "fast") for seed in (0, 1)}
+    assert table.main([f"base={tmp_path}/base/ppo_s*", f"fast={tmp_path}/fast/ppo_s*", "--rounds", "1",
+                       "--json", str(out)]) == 0
+    gain1 = json.loads(out.read_text())["methods"]["fast"]["final_gain"]
+    assert gain1["mean"] == pytest.approx(np.mean([first["fast", k] - first["base", k] for k in (0, 1)]))
+    cut = metrics.load_curve(tmp_path / "base" / "ppo_s0", rounds=1)
+    assert cut.last_round == 1 and cut.rounds.tolist() == [0, 1]
+    with pytest.raises(SystemExit, match="fewer than the 3"):
+        table.main([f"base={tmp_path}/base/ppo_s*", "--rounds", "3"])
+    with pytest.raises(SystemExit):
+        table.main([f"base={tmp_path}/base/ppo_s*", "--rounds", "0"])

@@ -287,6 +287,17 @@ def test_same_curve_with_one_or_two_threads(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("method", ["iif", "random"])
+def test_a_shorter_budget_is_the_start_of_a_longer_run(tmp_path, method):
+    # --total-timesteps sets only the number of rounds (no schedule reads it), so a budget's metrics can be read
+    # off the first rounds of a longer run (benchmarks/ablation_table.py --rounds)
+    ppo.main(tiny(tmp_path, "short", method=method, total_timesteps=256))
+    ppo.main(tiny(tmp_path, "long", method=method, total_timesteps=384))
+    short, long = rows(tmp_path / "short"), rows(tmp_path / "long")
+    assert len(short) == 3 and len(long) == 4
+    assert long[:3] == short
+
+
 def test_ppo_and_iif_share_round_one_and_differ_after(tmp_path):
     p = {}
     for m in ("ppo", "iif"):
