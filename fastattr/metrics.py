@@ -15,10 +15,11 @@ For a standard-PPO curve (baseline) and a method's curve from the same seed, bot
                `train` = full training wall-clock (rollouts + influence + optimisation; evaluation excluded);
                also `updates` = optimiser steps instead of seconds: a load-independent proxy of the optimisation
                work, since wall-clock on a shared machine moves with the other processes' load
-A level the method never reaches within its budget counts as reached one round after its last round (time: its
-total plus one mean round), so it lowers the reduction; `censored` counts such levels. Seeds are paired (seed s
-of the method against seed s of standard PPO, which share theta(0) and the first buffer); the mean +- s.e. is over
-seeds. Final-return gain: paired differences of the last evaluation, mean with a t-based confidence interval
+A level the method never reaches within its budget counts as reached one round after the longer of the two runs'
+budgets (time: its total plus one mean round per round up to there), so it lowers the reduction, and an unreached
+level never counts as fewer rounds than standard PPO's, even for a method run on a shorter budget; `censored` counts
+such levels. Seeds are paired (seed s of the method against seed s of standard PPO, which share theta(0) and the
+first buffer); the mean +- s.e. is over seeds. Final-return gain: paired differences of the last evaluation, mean with a t-based confidence interval
 (df = seeds - 1; 2.776 for 5 seeds at 95%, as the paper's Table 4).
 """
 from __future__ import annotations
@@ -137,7 +138,7 @@ def sample_efficiency(std: Curve, other: Curve) -> dict:
     levels = levels_reached(s.rounds, s.returns)
     if not levels:
         raise ValueError("the standard-PPO curve has no evaluated round >= 1; cannot compute SE metrics")
-    censor_round = o.last_round + 1
+    censor_round = max(o.last_round, s.last_round) + 1  # never reached: after both budgets, so never a reduction
     reds, censored = [], 0
     for v, m_std in levels:
         m = first_reach(o.rounds, o.returns, v)
@@ -157,7 +158,7 @@ def sample_efficiency(std: Curve, other: Curve) -> dict:
         t = getattr(c, key)
         if m is None:
             extra = {"opt": c.mean_round_opt, "train": c.mean_round_train, "updates": c.mean_round_updates}[key]
-            return float(t[-1] if len(t) else 0.0) + extra
+            return float(t[-1] if len(t) else 0.0) + extra * (censor_round - c.last_round)
         return float(t[np.nonzero(c.rounds == m)[0][0]])
 
     rt = {}

@@ -64,6 +64,18 @@ def test_round_zero_is_ignored_and_censoring_penalises():
     assert d["rt_peak_opt"] == pytest.approx(1 - 4.0 / 3.0)  # 3 s + one mean round (1 s) vs 3 s
 
 
+def test_a_shorter_budget_never_turns_an_unreached_level_into_a_reduction():
+    # std peaks at round 6 of 6; the method stops after 3 rounds below every level past 1.0. Counting its unreached
+    # levels at its own budget + 1 (round 4) would report SE_peak = 1 - 4/6 > 0 for a peak it never reached.
+    std = curve([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], opt=[1.0] * 6)
+    short = curve([1.0, 1.0, 1.0], opt=[1.0] * 3)
+    d = metrics.sample_efficiency(std, short)
+    assert d["censored_levels"] == 5 and d["peak_censored"]
+    assert d["se_peak"] == pytest.approx(1 - 7 / 6)  # counted after the longer budget
+    assert d["rt_peak_opt"] == pytest.approx(1 - 7.0 / 6.0)  # 3 s + 4 mean rounds of 1 s
+    assert d["se_ave"] < 0 and d["se_ave_grid"] < 0
+
+
 def test_eval_every_and_missing_evals():
     rows = [{"round": r, "global_step": r, "eval_return": (float(r) if r % 2 == 0 else None), "update_seconds": 1.0,
              "attr_seconds": 0.5, "train_seconds": 2.0} for r in range(1, 7)]
