@@ -287,7 +287,7 @@ def to_markdown(summary: dict, title: str = "") -> str:
                      f"{_pct(e.get('se_peak'))} | "
                      f"{_pct(e.get('rt_peak_opt'))} | {_pct(e.get('rt_peak_train'))} | "
                      f"{_pct(e.get('rt_peak_updates'))} | {gain} |")
-    notes = [f"{m}: {e['censored_levels']} level(s) never reached (counted at budget + 1 round); peak not reached "
+    notes = [f"{m}: {e['censored_levels']} level(s) never reached (counted one round after the longer budget); peak not reached "
              f"for seeds {e['peak_censored_seeds']}" for m, e in summary["methods"].items()
              if e.get("censored_levels")]
     if notes:
