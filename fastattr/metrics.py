@@ -19,8 +19,8 @@ A level the method never reaches within its budget counts as reached one round a
 budgets (time: its total plus one mean round per round up to there), so it lowers the reduction, and an unreached
 level never counts as fewer rounds than standard PPO's, even for a method run on a shorter budget; `censored` counts
 such levels. Seeds are paired (seed s of the method against seed s of standard PPO, which share theta(0) and the
-first buffer); the mean +- s.e. is over seeds. Final-return gain: paired differences of the last evaluation, mean with a t-based confidence interval
-(df = seeds - 1; 2.776 for 5 seeds at 95%, as the paper's Table 4).
+first buffer); the mean +- s.e. is over seeds. Final-return gain: paired differences of the last evaluation, mean
+with a t-based confidence interval (df = seeds - 1; 2.776 for 5 seeds at 95%, as the paper's Table 4).
 """
 from __future__ import annotations
 
@@ -287,8 +287,8 @@ def to_markdown(summary: dict, title: str = "") -> str:
                      f"{_pct(e.get('se_peak'))} | "
                      f"{_pct(e.get('rt_peak_opt'))} | {_pct(e.get('rt_peak_train'))} | "
                      f"{_pct(e.get('rt_peak_updates'))} | {gain} |")
-    notes = [f"{m}: {e['censored_levels']} level(s) never reached (counted one round after the longer budget); peak not reached "
-             f"for seeds {e['peak_censored_seeds']}" for m, e in summary["methods"].items()
+    notes = [f"{m}: {e['censored_levels']} level(s) never reached (counted one round after the longer budget); "
+             f"peak not reached for seeds {e['peak_censored_seeds']}" for m, e in summary["methods"].items()
              if e.get("censored_levels")]
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
