@@ -138,7 +138,7 @@ def sample_efficiency(std: Curve, other: Curve) -> dict:
     levels = levels_reached(s.rounds, s.returns)
     if not levels:
         raise ValueError("the standard-PPO curve has no evaluated round >= 1; cannot compute SE metrics")
-    censor_round = max(o.last_round, s.last_round) + 1  # never reached: after both budgets, so never a reduction
+    censor_round = max(o.last_round, s.last_round) + 1  # never reached: after both budgets (no round saved)
     reds, censored = [], 0
     for v, m_std in levels:
         m = first_reach(o.rounds, o.returns, v)
