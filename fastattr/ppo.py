@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import envs as envs_lib
-from . import filtering
+from . import filtering, iif, targets
 
 CHECKPOINT_FORMAT = 1
 LOG_2PI = math.log(2 * math.pi)
@@ -511,19 +511,8 @@ def discounted_returns(buf: Buffer, gamma: float) -> torch.Tensor:
 # FASTATTR: per-record scores and the keep-mask
 # ----------------------------------------------------------------------------------------------------------------------
 def normalize_advantages(adv: torch.Tensor, order: torch.Tensor, batch_size: int, mode: str = "minibatch"):
-    """A~ [N]: 'minibatch' = (A - mean) / (std + 1e-8) within each consecutive batch_size chunk of `order` (torch's
-    unbiased std, SB3; a chunk of one record is left raw, as SB3 skips it), 'buffer' = over the whole buffer,
-    'none' = raw."""
-    if mode == "none":
-        return adv.clone()
-    if mode == "buffer":
-        return (adv - adv.mean()) / (adv.std() + 1e-8)
-    out = adv.clone()
-    for chunk in order.split(batch_size):
-        a = adv[chunk]
-        if len(chunk) > 1:
-            out[chunk] = (a - a.mean()) / (a.std() + 1e-8)
-    return out
+    """A~ [N], normalised as the update normalises it (see fastattr.targets.normalize_advantages)."""
+    return targets.normalize_advantages(adv, order, batch_size, mode)
 
 
 def score_buffer(agent: Agent, obs: torch.Tensor, actions: torch.Tensor, adv_record: torch.Tensor,
@@ -535,26 +524,10 @@ def score_buffer(agent: Agent, obs: torch.Tensor, actions: torch.Tensor, adv_rec
     Computed by `fastattr.score` from one forward pass. Returns [N].
 
     extra_targets: optional `extra_targets(agent) -> Tensor[M]` of further target *losses* (e.g. -log pi(a|s) for
-    probe pairs, issue 6); then the result is [N, 1 + M] with the return target in column 0 (one extra forward).
+    probe pairs); then the result is [N, 1 + M] with the return target in column 0 (one extra forward).
     """
-    import fastattr
-
-    adv_record, adv_target = adv_record.detach(), adv_target.detach()
-    if extra_targets is None:
-        def record_and_target(model):
-            logp = model.log_prob(obs, actions)
-            return -adv_record * logp, -(adv_target * logp).mean()
-
-        return fastattr.score(agent, record_and_target, params=Agent.is_actor_param)
-
-    def records(model):
-        return -adv_record * model.log_prob(obs, actions)
-
-    def targets(model):
-        ret = -(adv_target * model.log_prob(obs, actions)).mean()
-        return torch.cat([ret.reshape(1), torch.as_tensor(extra_targets(model)).reshape(-1)])
-
-    return fastattr.score(agent, records, targets, params=Agent.is_actor_param)
+    return targets.return_scores(agent, lambda m: m.log_prob(obs, actions), adv_record, adv_target,
+                                 params=Agent.is_actor_param, extra_targets=extra_targets)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1136,15 +1109,11 @@ def _main(args: Args) -> dict:
         scores = keep = adv_norm = None
         fallback = False
         if need_scores:
-            adv_norm = normalize_advantages(buf.advantages, order1, args.batch_size, args.score_adv_norm)
             with torch_threads(args.threads):
-                scores = score_buffer(agent, buf.obs, buf.actions, adv_norm, buf.advantages)
-            keep = filtering.keep_mask(args.method, scores, args.p, filter_rng)
-            if not keep.any():
-                # Documented safe behaviour: a filter that would keep nothing leaves this round unfiltered.
-                warnings.warn(f"round {r}: the {args.method} filter would keep no records; training on all of them "
-                              "this round", RuntimeWarning, stacklevel=2)
-                keep, fallback = torch.ones(buf.n, dtype=torch.bool), True
+                sel = iif.select(agent, lambda m: m.log_prob(buf.obs, buf.actions), buf.advantages,
+                                 method=args.method, p=args.p, batch_size=args.batch_size, order=order1,
+                                 adv_norm=args.score_adv_norm, params=Agent.is_actor_param, rng=filter_rng)
+            scores, keep, adv_norm, fallback = sel.scores, sel.keep, sel.adv_record, sel.fallback
         attr_seconds = time.perf_counter() - t0
         probe_saved = {}
         if args.save_attribution and args.probe:  # action targets at theta(k), before the update (issue 6)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
-from fastattr import envs, ppo, store
+from fastattr import envs, ppo, store, targets
 
 TIMING = {"rollout_seconds", "attr_seconds", "update_seconds", "train_seconds", "eval_seconds", "io_seconds",
           "wall_seconds", "time", "sps"}
@@ -501,7 +501,7 @@ def test_run_dir_in_use_by_another_process_is_never_touched(tmp_path):
 
 
 def test_filter_keeping_nothing_trains_on_everything(tmp_path, monkeypatch):
-    monkeypatch.setattr(ppo, "score_buffer", lambda agent, obs, *a, **k: -torch.ones(obs.shape[0]))
+    monkeypatch.setattr(targets, "return_scores", lambda model, log_prob, adv, *a, **k: -torch.ones(adv.shape[0]))
     with pytest.warns(RuntimeWarning, match="keep no records"):
         ppo.main(tiny(tmp_path, method="iif-all-neg", total_timesteps=128))
     r = rows(tmp_path / "run")[1]

@@ -1,0 +1,82 @@
+"""What a score is measured against: the attribution targets, defined once for the PPO loop, the trainer adapters and
+every application.
+
+A record's loss and a target are both *losses* (negated objectives), so a positive score means that training on the
+record moves the parameters the way the target wants (it helps), a negative one that it hurts:
+
+    record loss   l_i = -A~_i log pi(a_i|s_i)                 the PPO surrogate at ratio 1 (same gradient at theta(k))
+    return target f   = -(1/N) sum_j A_j log pi(a_j|s_j)      the policy-gradient estimate of the expected return
+    action target f_m = -log pi(a_m|s_m)                      "make the policy take a_m in s_m" (one per probe pair)
+
+A~ is the advantage as the update normalises it (per minibatch of the epoch-1 order, `normalize_advantages`), A the raw
+GAE advantage. `log_prob(model) -> Tensor[N]` is any closure that computes log pi(a|s) of the buffer's actions
+through the model's modules, so the same definitions serve our Agent, a Stable-Baselines3 policy or a CleanRL agent.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+ADV_NORMS = ("minibatch", "buffer", "none")
+
+
+def normalize_advantages(adv: Tensor, order: Tensor, batch_size: int, mode: str = "minibatch") -> Tensor:
+    """A~ [N]: 'minibatch' = (A - mean) / (std + 1e-8) within each consecutive batch_size chunk of `order` (torch's
+    unbiased std, as Stable-Baselines3 and CleanRL; a chunk of one record is left raw, as SB3 skips it), 'buffer' = over
+    the whole buffer, 'none' = raw."""
+    if mode not in ADV_NORMS:
+        raise ValueError(f"advantage normalisation must be one of {', '.join(ADV_NORMS)}, got {mode!r}")
+    if mode == "none":
+        return adv.clone()
+    if mode == "buffer":
+        return (adv - adv.mean()) / (adv.std() + 1e-8)
+    out = adv.clone()
+    for chunk in torch.as_tensor(order).split(batch_size):
+        a = adv[chunk]
+        if len(chunk) > 1:
+            out[chunk] = (a - a.mean()) / (a.std() + 1e-8)
+    return out
+
+
+def surrogate_records(logp: Tensor, adv_record: Tensor) -> Tensor:
+    """l_i = -A~_i log pi(a_i|s_i), [N]."""
+    return -adv_record.detach() * logp
+
+
+def return_target(logp: Tensor, adv: Tensor) -> Tensor:
+    """f = -(1/N) sum_j A_j log pi(a_j|s_j), a scalar."""
+    return -(adv.detach() * logp).mean()
+
+
+def action_targets(logp: Tensor) -> Tensor:
+    """f_m = -log pi(a_m|s_m), [M]: one target per (state, action) pair."""
+    return -logp
+
+
+def return_scores(model: nn.Module, log_prob: Callable[[nn.Module], Tensor], adv_record: Tensor, adv_target: Tensor,
+                  *, params=None, extra_targets: Callable[[nn.Module], Tensor] | None = None, **score_kwargs) -> Tensor:
+    """Per-record influence on the return target at the model's current parameters: [N] (or [N, 1 + M] with
+    `extra_targets(model) -> Tensor[M]`, further target losses, column 0 being the return target).
+
+    score_i = <grad l_i, grad f> with l_i = -adv_record_i log pi(a_i|s_i) and f = -(1/N) sum_j adv_target_j log pi,
+    summed over `params` (e.g. the actor's parameters). Both come from one forward pass through `log_prob(model)`.
+    """
+    import fastattr
+
+    if extra_targets is None:
+        def record_and_target(m):
+            logp = log_prob(m)
+            return surrogate_records(logp, adv_record), return_target(logp, adv_target)
+
+        return fastattr.score(model, record_and_target, params=params, **score_kwargs)
+
+    def records(m):
+        return surrogate_records(log_prob(m), adv_record)
+
+    def targets(m):
+        ret = return_target(log_prob(m), adv_target)
+        return torch.cat([ret.reshape(1), torch.as_tensor(extra_targets(m)).reshape(-1)])
+
+    return fastattr.score(model, records, targets, params=params, **score_kwargs)
