@@ -3,7 +3,8 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEPS := numpy "gymnasium[box2d]>=1.0" minigrid highway-env pytest pybind11 ninja matplotlib tqdm scipy setuptools wheel
+DEPS := numpy "gymnasium[box2d]>=1.0" minigrid highway-env pytest hypothesis pybind11 ninja matplotlib tqdm scipy \
+  setuptools wheel stable-baselines3 tyro
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp)
 PYTEST_ARGS ?=
 
