@@ -3,72 +3,81 @@
     score[i]    = <grad_theta record_loss_i, grad_theta target>          (one aggregated target)
     score[i, m] = <grad_theta record_loss_i, grad_theta target_m>        (M targets)
 
-How each selected parameter is scored (DESIGN.md section 1):
-- nn.Linear: captured input x and output gradient g per call; aggregated target -> `ops.grad_dot` (identity I1),
-  M targets -> `ops.grad_sim_reduce` on Gram tiles (identity I2), or a per-sample materialisation of that one layer
-  when the T^2 rule says it is cheaper (then the layer enters the same op as x = vec(grad), g = 1).
-- nn.Conv1d/2d/3d: aggregated -> one extra convolution with the target gradient as weight; M targets -> unfolded
-  patches as positions T (Conv1d/2d, groups = 1), else the general path.
-- nn.Embedding: gathers of the target gradient at the looked-up rows; M targets -> index-equality Gram.
-- Every other parameter (LayerNorm, custom modules, a weight tied across two modules, ...): forward-mode JVP of the
-  record losses along the target gradient (identity I3; batched over M for M targets).
-- M targets whose target m does not depend on row m alone (checked, `_one_row_per_target`): full per-target
-  gradients, then the per-layer contractions of the aggregated case.
-Output gradients come from one `torch.autograd.grad` to the captured layer outputs, so no parameter .grad is formed.
+Exact or refused: a parameter is scored by a fast path only when that path's assumptions are checked to hold for this
+very call; otherwise by the exact general path; and when that cannot run either, a ScoringError says why and what to do.
+
+Fast paths (fastattr/ghost.py), for nn.Linear, nn.Conv1d/2d/3d and nn.Embedding: the per-record gradient of the layer is
+formed implicitly from its captured inputs and output gradients, against one target with `ops.grad_dot` (one extra
+layer forward with the target gradient as weight), against M targets with `ops.grad_sim_reduce` on Gram tiles. They
+are exact when:
+  (a) every use of the parameter goes through the module's own calls. Checked on the autograd graph of the losses: a
+      parameter that is reached by any other route (F.linear(x, layer.weight), a regulariser, a user hook, a weight
+      tied to another module) goes to the general path;
+  (b) each call has one row per record. A call on a batch of one broadcast over the records (GPT-2's position
+      embedding on ids of shape [1, T]) is run again with its output expanded to N rows (a view), and the losses are
+      checked unchanged; a call with another leading dimension goes to the general path;
+  (c) record i's loss depends on row i of each call's output only. Checked with one extra backward under random
+      power-of-two record weights w: rows that do not mix give exactly w_i times the unweighted output gradient (a
+      power of two scales floating-point results exactly), anything else shows. A loss normalised by the batch, a TD
+      target taken from the next row, batch statistics inside forward all fail it and go to the general path.
+General path: the record losses' forward-mode JVP along the target gradient (score = J G: exact whatever mixes rows,
+for any module with forward-mode AD), batched over targets for M of them, cross-checked against reverse mode.
+
+M targets take the Gram path when target m depends on row m of each call only (checked exactly); otherwise each
+target's full gradient is formed and contracted per layer. Record losses may be per position ([N, T]); `units` sums
+scores into episodes, sequences or groups (exact by linearity). `process_group` shards the records over ranks.
+Output gradients come from `torch.autograd.grad` to the captured layer outputs, so no parameter .grad is formed.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import ops, reference
+from . import ghost, ops, reference
+from .ghost import CONV, Call, Layer
+from .threads import for_kernels, pinned
 
 REDUCE_OVER_M = ("none", "sum", "mean", "max", "min")
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 class ScoringError(ValueError):
-    """Bad input to fastattr.score; the message names the argument or module and says what to do."""
+    """fastattr.score cannot score this exactly; the message names the argument or module and says what to do."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Which parameters are scored, and how
 # ----------------------------------------------------------------------------------------------------------------------
 @dataclass
-class _Layer:
-    """A module scored by a ghost identity, with the subset of its parameters that is selected."""
-
-    name: str
-    module: nn.Module
-    weight: bool
-    bias: bool
-    calls: list = field(default_factory=list)  # (x, y) per forward call, x detached, y in the graph
-
-
-@dataclass
 class _Plan:
     params: dict[str, nn.Parameter]  # every selected parameter, by its (first) qualified name
-    layers: list[_Layer]
-    generic: dict[str, nn.Parameter]  # selected parameters scored by the JVP path
+    layers: list[Layer]  # modules whose selected parameters may take a fast path
+    why: dict[str, str] = field(default_factory=dict)  # parameter name -> why it takes the general path
 
     def name_of(self, p: nn.Parameter) -> str:
         """The name a selected parameter has in `params` (a module may know it under another, shared, name)."""
         return next(k for k, q in self.params.items() if q is p)
 
+    @property
+    def generic(self) -> dict[str, nn.Parameter]:
+        """Selected parameters scored by the general (JVP) path."""
+        fast = {id(p) for layer in self.layers for p in layer.params()}
+        return {n: p for n, p in self.params.items() if id(p) not in fast}
 
-def _ghost_kind(module: nn.Module) -> str | None:
-    if type(module) is nn.Linear:
-        return "linear"
-    if type(module) in _CONV:
-        return "conv"
-    if type(module) is nn.Embedding:
-        return "embedding"
-    return None
+    def to_general(self, layer: Layer, why: str, only: nn.Parameter | None = None) -> None:
+        """Sends a layer's selected parameters (or just `only`) to the general path."""
+        for p in layer.params():
+            if only is None or p is only:
+                self.why.setdefault(self.name_of(p), why)
+        if only is not None and len(layer.params()) > 1:
+            layer.use_weight = layer.use_weight and only is not layer.module.weight
+            layer.use_bias = layer.use_bias and only is not layer.module.bias
+        else:
+            self.layers = [x for x in self.layers if x is not layer]
 
 
 def _select(model: nn.Module, params) -> dict[str, nn.Parameter]:
@@ -116,26 +125,29 @@ def _plan(model: nn.Module, params) -> _Plan:
             "one device (model.to(device)) before scoring"
         )
     # A Parameter held by two modules (tied weights, e.g. an output head sharing an embedding's table) is used in
-    # both, and neither module's hook sees the other's use: such parameters go to the general (JVP) path.
+    # both, and neither module's capture sees the other's use: such parameters go to the general path.
     owners: dict[int, int] = {}
     for m in model.modules():
-        if _ghost_kind(m) is not None:
+        if ghost.kind_of(m) is not None:
             for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
                 if isinstance(p, nn.Parameter):
                     owners[id(p)] = owners.get(id(p), 0) + 1
-    layers, claimed = [], set()
+    layers, why = [], {}
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             raise ScoringError(
                 f"model: module '{name}' ({type(m).__name__}) is in training mode, which mixes records through batch "
-                "statistics, so per-record gradients are not defined; call model.eval() (or the module's .eval()) "
-                "before scoring"
+                "statistics and updates its running statistics on every forward; call model.eval() (or the "
+                "module's .eval()) before scoring"
             )
-        kind = _ghost_kind(m)
+        kind = ghost.kind_of(m)
         if kind is None:
             continue
-        w = getattr(m, "weight", None)
-        b = getattr(m, "bias", None)
+        w, b = getattr(m, "weight", None), getattr(m, "bias", None)
+        selected = [p for p in (w, b) if isinstance(p, nn.Parameter) and id(p) in chosen_ids]
+        tied = [p for p in selected if owners[id(p)] > 1]
+        for p in tied:
+            why[next(k for k, q in chosen.items() if q is p)] = "shared with another module (tied weights)"
         use_w = w is not None and id(w) in chosen_ids and owners[id(w)] == 1
         use_b = isinstance(b, nn.Parameter) and id(b) in chosen_ids and owners[id(b)] == 1
         if not (use_w or use_b):
@@ -147,45 +159,51 @@ def _plan(model: nn.Module, params) -> _Plan:
                 "table during the forward), so per-record scores are not defined; disable it or exclude the "
                 "module with `params`"
             )
-        layers.append(_Layer(name, m, use_w, use_b))
-        claimed |= {id(w)} if use_w else set()
-        claimed |= {id(b)} if use_b else set()
-    generic = {n: p for n, p in chosen.items() if id(p) not in claimed}
-    return _Plan(chosen, layers, generic)
-
-
-def _layer_params(layer: _Layer) -> list[nn.Parameter]:
-    return ([layer.module.weight] if layer.weight else []) + ([layer.module.bias] if layer.bias else [])
+        layers.append(Layer(name, m, use_w, use_b))
+    return _Plan(chosen, layers, why)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Capture: each scored layer's input and output, per forward call
 # ----------------------------------------------------------------------------------------------------------------------
 class _Capture:
-    """Records (input, output) of every call of the scored layers. The input is detached (it shares the tensor's
-    version counter) and the output stays in the graph. `modified()` tells whether the forward changed either in
-    place afterwards (e.g. ReLU(inplace=True) on a Linear's output, which would move the output's place in the
-    graph); with clone=True the hook keeps its own copy of the input and hands the model a copy of the output, so
-    in-place ops downstream change only those copies."""
+    """Records every call of the scored layers (fastattr.ghost.Call), into `layer.calls` while the records' losses are
+    computed and into `layer.target_calls` during a separate target forward (`phase`). The hooks run before any user
+    hook, so they see the module's own output.
 
-    def __init__(self, layers: list[_Layer], clone: bool = False):
-        self.layers, self.clone, self.handles, self.versions = layers, clone, [], []
+    `modified()` tells whether the forward changed a captured input or output in place afterwards (e.g.
+    ReLU(inplace=True) on a Linear's output, which moves the output's place in the graph); with clone=True the hook
+    keeps its own copy of the input and hands the model a copy of the output, so in-place ops downstream change only
+    those copies. With `expand_to=N`, a records-phase call on a batch of one hands the model its output expanded to N
+    rows (a view), so that each record's output gradient is its own."""
+
+    def __init__(self, layers: list[Layer], clone: bool = False, expand_to: int | None = None):
+        self.layers, self.clone, self.expand_to = layers, clone, expand_to
+        self.handles, self.versions, self.phase = [], [], "records"
 
     def __enter__(self):
         for layer in self.layers:
-            layer.calls = []
-
-            def hook(module, args, kwargs, output, layer=layer):
-                x = args[0] if args else next(iter(kwargs.values()))  # layer(x) or layer(input=x)
-                if self.clone:
-                    layer.calls.append((x.detach().clone(), output))
-                    return output.clone()
-                layer.calls.append((x.detach(), output))
-                self.versions.append((x, x._version, output, output._version))
-                return None
-
-            self.handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
+            layer.calls, layer.target_calls = [], []
+            self.handles.append(layer.module.register_forward_hook(self._hook(layer), with_kwargs=True, prepend=True))
         return self
+
+    def _hook(self, layer: Layer):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else next(iter(kwargs.values()))  # layer(x) or layer(input=x)
+            stop = x.grad_fn
+            calls = layer.calls if self.phase == "records" else layer.target_calls
+            expand = (self.phase == "records" and self.expand_to is not None and x.dim() >= 1 and output.dim() >= 2
+                      and x.shape[0] == 1 and output.shape[0] == 1)
+            y = output.expand(self.expand_to, *output.shape[1:]) if expand else output
+            xs = x.expand(self.expand_to, *x.shape[1:]) if expand else x
+            if self.clone:
+                calls.append(Call(xs.detach().clone(), y, stop, expand))
+                return y.clone()
+            calls.append(Call(xs.detach(), y, stop, expand))
+            self.versions.append((x, x._version, output, output._version))
+            return y if expand else None
+
+        return hook
 
     def modified(self) -> bool:
         return any(x._version != vx or y._version != vy for x, vx, y, vy in self.versions)
@@ -194,49 +212,6 @@ class _Capture:
         for h in self.handles:
             h.remove()
         self.handles = []
-
-
-class _Threads:
-    """Pins torch's intra-op threads for the model's own forward/backward passes.
-
-    BLAS splits long reductions (e.g. a weight gradient summed over N records) across threads, so the same inputs give
-    bit-different target gradients with 1 and 2 threads. With deterministic=True the passes run on one thread and
-    fastattr's own kernels, whose fixed-size blocks make them thread-count independent, get the caller's threads back
-    through `_Threads.full()`."""
-
-    caller: int | None = None
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __enter__(self):
-        if self.enabled:
-            self.saved, _Threads.caller = torch.get_num_threads(), torch.get_num_threads()
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            torch.set_num_threads(self.saved)
-            _Threads.caller = None
-
-    @staticmethod
-    def full():
-        """Context for fastattr kernels: the caller's thread count while pinned, else a no-op."""
-        return _Restore(_Threads.caller)
-
-
-class _Restore:
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        if self.n is not None:
-            self.prev = torch.get_num_threads()
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        if self.n is not None:
-            torch.set_num_threads(self.prev)
 
 
 class _RequireGrad:
@@ -255,16 +230,27 @@ class _RequireGrad:
             p.requires_grad_(r)
 
 
+def _unwrap(model: nn.Module):
+    """(module the closures and the plan see, context for the scoring passes). A DistributedDataParallel model is
+    scored through its .module, inside no_sync(): fastattr's backward passes are autograd.grad calls, which must not
+    arm DDP's gradient reduction."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        return model.module, model.no_sync()
+    return model, nullcontext()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Input checks
 # ----------------------------------------------------------------------------------------------------------------------
 def _check_records(losses, what: str = "record_loss") -> Tensor:
     if not isinstance(losses, Tensor):
         raise ScoringError(f"{what} must return a Tensor[N] of per-record losses, got {type(losses).__name__}")
-    if losses.dim() != 1:
+    if losses.dim() not in (1, 2):
         raise ScoringError(
-            f"{what} must return a 1-D Tensor[N] of per-record losses (one per record, not summed or averaged), got "
-            f"shape {tuple(losses.shape)}"
+            f"{what} must return a 1-D Tensor[N] of per-record losses (one per record, not summed or averaged) or a "
+            f"2-D Tensor[N, T] of per-position losses, got shape {tuple(losses.shape)}"
         )
     if not losses.is_floating_point():
         raise ScoringError(f"{what} must return floating-point losses, got {losses.dtype}")
@@ -285,6 +271,8 @@ def _check_target(target) -> Tensor:
         raise ScoringError(
             "target_loss does not depend on any selected parameter (its output does not require grad); check `params`"
         )
+    if target.numel() == 0:
+        raise ScoringError("target_loss returned zero targets (Tensor[0]); give at least one target")
     _check_finite(target, "target_loss")
     return target
 
@@ -292,116 +280,152 @@ def _check_target(target) -> Tensor:
 def _check_finite(t: Tensor, what: str) -> None:
     bad = ~torch.isfinite(t.detach())
     if bool(bad.any()):
-        idx = bad.nonzero().flatten()[:5].tolist()
+        idx = bad.nonzero()[:5].tolist()
         raise ScoringError(
             f"{what} returned {int(bad.sum())} non-finite value(s) (NaN or inf), e.g. at index {idx}; scores would be "
             "NaN. Fix the loss (log of zero probabilities, exploding values) before scoring"
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Per-layer views of the captured calls
-# ----------------------------------------------------------------------------------------------------------------------
-def _positions(x: Tensor, g: Tensor, n: int, name: str) -> tuple[Tensor, Tensor]:
-    """Linear call -> x: [N, T, d_in], g: [N, T, d_out] with every leading dim past the first folded into T."""
-    if x.shape[0] != n:
+def _check_units(units, shape: torch.Size, device) -> Tensor | None:
+    if units is None:
+        return None
+    units = torch.as_tensor(units, device=device)
+    if units.dtype in (torch.bool,) or units.is_floating_point() or units.is_complex():
+        raise ScoringError(f"units must be an integer tensor (a unit index per record), got {units.dtype}")
+    if tuple(units.shape) not in (tuple(shape[:1]), tuple(shape)):
         raise ScoringError(
-            f"module '{name}' saw a leading dimension of {x.shape[0]} but there are N={n} records: the leading "
-            "dimension of every activation through a scored layer must be the record dimension (reshape the input, "
-            "or exclude the module with `params`)"
+            f"units must have one entry per record, shape {tuple(shape[:1])}"
+            + (f" (or one per position, {tuple(shape)})" if len(shape) == 2 else "")
+            + f", got shape {tuple(units.shape)}"
         )
-    return x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1])
-
-
-def _conv_patches(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Conv1d/2d call -> unfolded patches x: [N, L, C_in*k] and g: [N, L, C_out]."""
-    conv2d = isinstance(module, nn.Conv2d)
-    k = module.kernel_size if conv2d else (1, module.kernel_size[0])
-    st = module.stride if conv2d else (1, module.stride[0])
-    dil = module.dilation if conv2d else (1, module.dilation[0])
-    if not conv2d:
-        x = x.unsqueeze(-2)
-    if isinstance(module.padding, str) or module.padding_mode != "zeros":
-        if isinstance(module.padding, str):
-            pads = []
-            for kk, dd in zip(reversed(k), reversed(dil)):
-                total = 0 if module.padding == "valid" else dd * (kk - 1)
-                pads += [total // 2, total - total // 2]
-        else:
-            pads = list(module._reversed_padding_repeated_twice) + ([0, 0] if not conv2d else [])
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pads, mode=mode) if mode == "constant" else F.pad(x, pads[: 2 * (x.dim() - 2)], mode=mode)
-        pad = (0, 0)
-    else:
-        pad = module.padding if conv2d else (0, module.padding[0])
-    cols = F.unfold(x, k, dilation=dil, padding=pad, stride=st)  # [N, C_in*k, L]
-    return cols.transpose(1, 2), g.flatten(2).transpose(1, 2)
-
-
-def _pairwise_ok(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1
-
-
-def _grads_to_outputs(losses: Tensor, layers: list[_Layer], retain: bool,
-                      extra: dict[str, nn.Parameter] | None = None):
-    """d(sum losses)/d(output) for every captured call; None where the losses do not depend on that call (also a
-    call made under torch.no_grad(), whose output is outside the graph). With `extra` (parameters), also returns
-    {name: d(sum losses)/d(parameter)} from the same backward."""
-    outs = [y for layer in layers for (_, y) in layer.calls if y.requires_grad]
-    inputs = outs + list((extra or {}).values())
-    grads = list(torch.autograd.grad(losses.sum(), inputs, allow_unused=True, retain_graph=retain)) if inputs else []
-    res = [[grads.pop(0) if y.requires_grad else None for (_, y) in layer.calls] for layer in layers]
-    return res if extra is None else (res, dict(zip(extra, grads)))
+    if units.numel() and int(units.min()) < 0:
+        raise ScoringError(f"units must be >= 0 (unit indices), got a minimum of {int(units.min())}")
+    return units.long()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Aggregated target:  score_i = <grad l_i, G>
+# The checks behind the fast paths
 # ----------------------------------------------------------------------------------------------------------------------
-def _ghost_aggregated(layer: _Layer, gs: list, G: dict, n: int, dtype, chunk: int) -> Tensor:
-    m = layer.module
-    gw = G.get("weight") if layer.weight else None
-    gb = G.get("bias") if layer.bias else None
-    total = torch.zeros(n, dtype=reference.score_dtype(dtype), device=m.weight.device)
-    for (x, _), g in zip(layer.calls, gs):
-        if g is None or (gw is None and gb is None):
-            continue
-        if isinstance(m, nn.Linear):
-            x3, g3 = _positions(x, g, n, layer.name)
-            x3, g3 = x3.to(dtype), g3.to(dtype)
-            b = gb.to(dtype) if gb is not None else None
-            if gw is None:  # only the bias is selected
-                total += (g3.sum(1) @ b).to(total.dtype)
+def _module_nodes(calls: list[Call]) -> set:
+    """Autograd nodes of the layer's own computation: reachable from a call's output without passing its input."""
+    nodes: set = set()
+    for call in calls:
+        stack = [call.y.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node is call.stop or node in nodes:
                 continue
-            w = gw.to(dtype)
-            for s in range(0, n, chunk):
-                with _Threads.full():
-                    total[s:s + chunk] += ops.grad_dot(x3[s:s + chunk], g3[s:s + chunk], w, b)
-        elif isinstance(m, _CONV):
-            if x.shape[0] != n:
-                _positions(x, g, n, layer.name)  # raises the N-mismatch error
-            for s in range(0, n, chunk):
-                xc, gc = x[s:s + chunk].to(dtype), g[s:s + chunk].to(dtype)
-                if gw is not None:
-                    y = m._conv_forward(xc, gw.to(dtype), None)  # one extra conv with the target as weight
-                    total[s:s + chunk] += (y * gc).flatten(1).sum(1).to(total.dtype)
-                if gb is not None:
-                    total[s:s + chunk] += (gc.flatten(2).sum(2) @ gb.to(dtype)).to(total.dtype)
-        else:  # Embedding: grad_W l_i = sum_t onehot(idx_t) g_t^T, so <., G> = sum_t g_t . G[idx_t]
-            if x.shape[0] != n:
-                _positions(x, g, n, layer.name)
-            idx = x.reshape(n, -1)
-            g3 = g.reshape(n, idx.shape[1], -1).to(dtype)
-            rows = (gw.to_dense() if gw.is_sparse else gw).to(dtype)[idx]  # sparse=True Embedding
-            if m.padding_idx is not None:
-                rows = rows * (idx != m.padding_idx).unsqueeze(-1)
-            total += (rows * g3).sum((1, 2)).to(total.dtype)
-    return total
+            nodes.add(node)
+            stack.extend(nxt for nxt, _ in node.next_functions)
+    return nodes
 
 
-def _jvp_records(model: nn.Module, record_fn, generic: dict[str, nn.Parameter], tangents: list[Tensor]) -> Tensor:
-    """(d record_losses / d generic params) . tangents, by one forward-mode pass (identity I3)."""
+def _used_outside(roots: list[Tensor], layers: list[Layer], side: str) -> dict[int, Layer]:
+    """Layers (by the id of a parameter) one of whose selected parameters is reached from `roots` through a node
+    that is not part of one of the layer's own calls: the fast path would not see that use."""
+    owner = {id(p): layer for layer in layers for p in layer.params()}
+    if not owner:
+        return {}
+    own = {id(layer): _module_nodes(layer.calls if side == "records" else layer.target_calls) for layer in layers}
+    found: dict[int, Layer] = {}
+    seen: set = set()
+    stack = [r.grad_fn for r in roots if r.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)  # an AccumulateGrad node: a leaf tensor
+            if var is not None:
+                layer = owner.get(id(var))
+                if layer is not None and node not in own[id(layer)]:
+                    found[id(var)] = layer
+            elif nxt not in seen:
+                stack.append(nxt)
+    return found
+
+
+def _record_weights(n: int, units: Tensor | None, dtype: torch.dtype, device) -> Tensor:
+    """Random powers of two per record (equal within a unit), from a fixed seed: [n]. Half precision keeps a narrow
+    range so that weighted gradients cannot overflow."""
+    top = 4 if dtype == torch.float16 else 16
+    ids = torch.arange(n) if units is None else units.cpu()
+    exps = _hash(ids) % top
+    return torch.ldexp(torch.ones(n, dtype=torch.float64), exps.double()).to(dtype=dtype, device=device)
+
+
+def _hash(ids: Tensor) -> Tensor:
+    """A fixed pseudo-random integer per id (a multiplicative hash: cheap, deterministic, no generator state)."""
+    return ((ids * 0x9E3779B1 + 0x7F4A7C15) % (1 << 32)) >> 12
+
+
+def _mixing(losses: Tensor, pairs: list[tuple[Layer, Call, Tensor]], weights: Tensor) -> dict[int, tuple[Layer, int]]:
+    """Layers (by id) whose output rows mix across records (across units), with a row that shows it.
+
+    h = d(sum_i w_i l_i)/dy against g = d(sum_i l_i)/dy: when l_i depends on row i of y only, h_i = w_i g_i exactly
+    (w_i a power of two); a dependence of l_i on row j != i adds (w_i - w_j) dl_i/dy_j to row j, which the check sees
+    unless w_i = w_j (the weights take 16 values, so a single mixing pair escapes with probability about 1/16; any
+    realistic mixing touches many pairs)."""
+    ys = [call.y for _, call, _ in pairs]
+    hs = torch.autograd.grad(losses, ys, grad_outputs=weights, retain_graph=True, allow_unused=True)
+    bad = {}
+    for (layer, call, g), h in zip(pairs, hs):
+        w = weights.to(g.dtype).view((-1,) + (1,) * (g.dim() - 1))
+        if h is not None and torch.equal(h, g * w):  # the usual case: bitwise, one cheap comparison
+            continue
+        diff = (h / w - g).abs() if h is not None else g.abs()
+        tol = 8 * torch.finfo(g.dtype).eps * float(g.abs().amax())
+        if float(diff.amax()) > tol:
+            bad.setdefault(id(layer), (layer, int(diff.flatten(1).amax(1).argmax())))
+    return bad
+
+
+def _one_row_per_record(layer: Layer, call: Call, n: int) -> bool:
+    """Whether a call is batched with its leading dimension the N records (a conv must get [N, C, *spatial])."""
+    if layer.kind == "conv" and call.x.dim() != layer.module.weight.dim():
+        return False
+    return call.batched and call.y.shape[0] == n
+
+
+def _rel_tol(dtype: torch.dtype) -> float:
+    """Relative tolerance of the exact identities the scorer checks (float64: rounding only; else float32-level)."""
+    return 1e-9 if dtype == torch.float64 else 1e-4
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    scale = float(a.detach().abs().amax()) if a.numel() else 0.0
+    return float((a.detach() - b.detach()).abs().amax()) <= _rel_tol(a.dtype) * max(scale, 1e-30) if a.numel() else True
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The general path: forward-mode JVP
+# ----------------------------------------------------------------------------------------------------------------------
+class _Closure(nn.Module):
+    """Lets torch.func.functional_call run an arbitrary closure over the model."""
+
+    def __init__(self, model, fn):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self):
+        return self.fn(self.model)
+
+
+def _modules_of(param_names) -> list[str]:
+    return sorted({n.rsplit(".", 1)[0] if "." in n else "(the model itself)" for n in param_names})
+
+
+def _jvp_records(model: nn.Module, record_fn, generic: dict[str, nn.Parameter], tangents: list[Tensor],
+                 why: dict[str, str]) -> Tensor:
+    """(d record_losses / d generic params) . tangents, by one forward-mode pass (score = J G)."""
     names = list(generic)
-    wrapper = _Call(model, record_fn)
+    wrapper = _Closure(model, record_fn)
     primals = tuple(generic[n].detach() for n in names)
 
     def f(*ps):
@@ -417,10 +441,10 @@ def _jvp_records(model: nn.Module, record_fn, generic: dict[str, nn.Parameter], 
         with sdpa_kernel(SDPBackend.MATH):
             _, out = torch.func.jvp(f, primals, tuple(tangents))
     except Exception as e:  # forward-mode AD not implemented for some op
-        mods = _modules_of(names)
         raise ScoringError(
-            f"cannot score parameters of module(s) {mods} with the general (forward-mode JVP) path: {e}. Exclude them "
-            "with `params=` or replace the op that lacks forward-mode AD"
+            f"cannot score parameters of module(s) {_modules_of(names)} exactly: the general (forward-mode JVP) path "
+            f"failed: {e}.{_reasons(why, names)} Exclude them with `params=`, or replace the op that lacks "
+            "forward-mode AD"
         ) from e
     finally:
         if mha:
@@ -428,50 +452,446 @@ def _jvp_records(model: nn.Module, record_fn, generic: dict[str, nn.Parameter], 
     return out
 
 
-def _rel_tol(dtype: torch.dtype) -> float:
-    """Relative tolerance of the exact identities the scorer checks (float64: rounding only; else float32-level)."""
-    return 1e-9 if dtype == torch.float64 else 1e-4
+def _reasons(why: dict[str, str], names) -> str:
+    """' They take that path because: ...' for the parameters of `names` that left a fast path."""
+    found = sorted({f"'{n.rsplit('.', 1)[0]}' {why[n]}" for n in names if n in why})
+    return f" They take that path because: {'; '.join(found)}." if found else ""
 
 
-def _modules_of(param_names) -> list[str]:
-    return sorted({n.rsplit(".", 1)[0] if "." in n else "(the model itself)" for n in param_names})
-
-
-def _check_jvp(jv: Tensor, reverse: dict[str, Tensor | None], tangents: dict[str, Tensor]) -> None:
+def _check_jvp(jv: Tensor, reverse: dict[str, Tensor | None], tangents: dict[str, Tensor],
+               why: dict[str, str]) -> None:
     """The JVP path's scores must add up to what reverse mode says: sum_i jv[i(, m)] = <d sum_i l_i / d theta,
-    tangent(_m)> (exact identity; one reverse pass the scoring backward already makes). Forward-mode AD does not see
+    tangent(_m)> (exact identity; reverse mode from a backward the scorer makes anyway). Forward-mode AD does not see
     torch.no_grad() blocks, for one, so a record_loss computing a baseline under no_grad would be scored wrong."""
-    cols = jv.reshape(jv.shape[0], -1).double()  # [N, M] (M = 1 for one target)
+    cols = jv.reshape(jv.shape[0], -1).double()  # [R, M] (M = 1 for one target)
     got = cols.sum(0)
     expect = torch.zeros_like(got)
     for k, t in tangents.items():
         r = reverse.get(k)
         if r is not None:
-            expect += (t.reshape(got.shape[0], -1).double() @ r.reshape(-1).double())
+            expect += (t.reshape(got.shape[0], -1).double() @ _dense(r).reshape(-1).double())
     scale = torch.maximum(expect.abs(), cols.abs().sum(0)).clamp_min(1e-30)
     if bool(((got - expect).abs() > _rel_tol(jv.dtype) * scale).any()):
-        mods = _modules_of(tangents)
         raise ScoringError(
-            f"the general (forward-mode JVP) path for module(s) {mods} disagrees with reverse mode: scores sum to "
-            f"{got.tolist()[:4]} but the gradients give {expect.tolist()[:4]}. Usually a torch.no_grad() block inside "
-            "record_loss (forward-mode AD ignores it: compute that value with .detach() or outside record_loss), or "
-            "randomness in the forward, which the JVP pass draws anew (dropout in training mode: call model.eval())"
+            f"the general (forward-mode JVP) path for module(s) {_modules_of(tangents)} disagrees with reverse mode: "
+            f"scores sum to {got.tolist()[:4]} but the gradients give {expect.tolist()[:4]}. Usually a "
+            "torch.no_grad() block inside record_loss (forward-mode AD ignores it: compute that value with .detach() "
+            "or outside record_loss), or randomness in the forward, which the JVP pass draws anew (dropout in "
+            f"training mode: call model.eval()).{_reasons(why, tangents)}"
         )
 
 
-class _Call(nn.Module):
-    """Lets torch.func.functional_call run an arbitrary closure over the model."""
-
-    def __init__(self, model, fn):
-        super().__init__()
-        self.model, self.fn = model, fn
-
-    def forward(self):
-        return self.fn(self.model)
+def _dense(t: Tensor) -> Tensor:
+    return t.to_dense() if t.is_sparse else t
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The public entry point
+# One call of fastattr.score
+# ----------------------------------------------------------------------------------------------------------------------
+class _Job:
+    """The state of one score() call: the captured forward, the plan, the losses and the target."""
+
+    def __init__(self, model, plan: _Plan, record_loss, target_loss, *, reduce, units, chunk, dtype,
+                 check_locality: bool, process_group):
+        self.model, self.plan = model, plan
+        self.record_loss, self.target_loss, self.joint = record_loss, target_loss, target_loss is None
+        self.reduce, self.units_arg, self.chunk, self.dtype = reduce, units, chunk, dtype
+        self.check_locality, self.pg = check_locality, process_group
+        self.acc = reference.score_dtype(dtype)
+
+    # ---- the closures -----------------------------------------------------------------------------------------------
+    def _split(self, out):  # (record_losses, target) when target_loss is None
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise ScoringError(
+                f"record_loss must return (record_losses, target) when target_loss is None; got {type(out).__name__}"
+            )
+        return out
+
+    def _raw_records(self, m):
+        return self._split(self.record_loss(m))[0] if self.joint else self.record_loss(m)
+
+    def record_fn(self, m):
+        """The record losses as scored: [R] (per-position losses are flattened, or summed per record for record units)."""
+        return self._shape_records(self._raw_records(m))
+
+    def _shape_records(self, losses: Tensor) -> Tensor:
+        if losses.dim() == 2:
+            return losses.sum(1) if self.sum_positions else losses.reshape(-1)
+        return losses
+
+    def fresh(self, m):
+        """(record losses as scored, target) from a new forward."""
+        if self.joint:
+            losses, target = self._split(self.record_loss(m))
+        else:
+            losses, target = self.record_loss(m), self.target_loss(m)
+        return self._shape_records(losses), target
+
+    # ---- capture ----------------------------------------------------------------------------------------------------
+    def _capture(self, clone: bool, expand_to: int | None = None):
+        with _Capture(self.plan.layers, clone, expand_to) as cap:
+            if self.joint:
+                losses, target = self._split(self.record_loss(self.model))
+            else:
+                losses = self.record_loss(self.model)
+                cap.phase = "target"
+                target = self.target_loss(self.model)
+        return losses, target, cap.modified()
+
+    def _capture_checked(self, expand_to: int | None = None):
+        losses, target, modified = self._capture(False, expand_to)
+        if modified:  # an in-place op changed a captured input or output: capture again with copies
+            losses, target, _ = self._capture(True, expand_to)
+        return losses, target
+
+    def capture(self) -> None:
+        """Runs the forward(s) with the layers captured; checks the losses and the target; records broadcast calls."""
+        losses, target = self._capture_checked()
+        losses, target = _check_records(losses), _check_target(target)
+        n = losses.shape[0]
+        broadcast = [layer for layer in self.plan.layers
+                     if any(c.y.requires_grad and c.batched and c.y.shape[0] == 1 for c in layer.calls)]
+        if broadcast and n > 1:
+            saved = [(layer.calls, layer.target_calls) for layer in self.plan.layers]
+            try:
+                losses2, target2 = self._capture_checked(expand_to=n)
+            except Exception:  # the model's code needs that dimension to be 1 (e.g. a target on another batch)
+                losses2 = target2 = None
+            if losses2 is not None and _same(losses, losses2) and _same(target, target2):
+                losses, target = losses2, target2
+            else:  # the model's result depends on that dimension being 1: use the first forward, general path
+                for layer, (calls, tcalls) in zip(self.plan.layers, saved):
+                    layer.calls, layer.target_calls = calls, tcalls
+                for layer in broadcast:
+                    self.plan.to_general(layer, "is called on a batch of one, and expanding it to the records "
+                                                "changes the losses or fails")
+        self.raw_shape = losses.shape
+        self.units = _check_units(self.units_arg, losses.shape, losses.device)
+        # Per-position losses with one unit per record are record losses: sum the positions (exact by linearity)
+        self.sum_positions = losses.dim() == 2 and self.units is not None and (
+            self.units.dim() == 1 or bool((self.units == self.units[:, :1]).all()))
+        if self.sum_positions and self.units.dim() == 2:
+            self.units = self.units[:, 0]
+        self.losses, self.target = self._shape_records(losses), target
+        self.n = losses.shape[0]  # records (rows of every activation)
+
+    # ---- routing: which layers keep their fast path ----------------------------------------------------------------
+    def route(self) -> None:
+        """Sends to the general path every layer whose fast path would not be exact for this call (see the module
+        docstring: per-position losses, calls that are not one row per record, uses outside the module)."""
+        plan, n = self.plan, self.n
+        if self.losses.shape[0] != n:  # per-position losses: a row of an activation serves several losses
+            for layer in list(plan.layers):
+                plan.to_general(layer, "feeds per-position losses (scored per position by the general path)")
+        for layer in list(plan.layers):
+            live = [c for c in layer.calls if c.y.requires_grad]
+            bad = next((c for c in live if not _one_row_per_record(layer, c, n)), None)
+            if bad is not None:
+                shape = tuple(bad.x.shape)
+                plan.to_general(layer, f"is called on an input of shape {shape}, whose leading dimension is not the "
+                                       f"N={n} records")
+        for p_id, layer in _used_outside([self.losses], plan.layers, "records").items():
+            param = next(p for p in layer.params() if id(p) == p_id)
+            plan.to_general(layer, "has a parameter used outside the module's own calls (e.g. "
+                                   "F.linear(x, module.weight), a regulariser, or a forward hook)", only=param)
+
+    def output_grads(self, generic_reverse: bool = True):
+        """Per layer, per call: d(sum of record losses)/d(output) (None where nothing depends on a call), after the
+        row-locality check (layers that fail it go to the general path), and the reverse-mode gradients of the
+        generic parameters ({name: grad}) for the JVP cross-check."""
+        plan = self.plan
+        generic = plan.generic if generic_reverse else {}
+        ys = [c.y for layer in plan.layers for c in layer.calls if c.y.requires_grad]
+        inputs = ys + list(generic.values())
+        grads = list(torch.autograd.grad(self.losses.sum(), inputs, allow_unused=True, retain_graph=True)) \
+            if inputs else []
+        out = {id(layer): [grads.pop(0) if c.y.requires_grad else None for c in layer.calls] for layer in plan.layers}
+        reverse = dict(zip(generic, grads))
+        units = self.units
+        n_units = self.losses.shape[0] if units is None else (int(units.max()) + 1 if units.numel() else 0)
+        if self.check_locality and n_units > 1 and plan.layers:
+            pairs = [(layer, c, g) for layer in plan.layers for c, g in zip(layer.calls, out[id(layer)])
+                     if g is not None]
+            weights = _record_weights(self.losses.shape[0], units, self.losses.dtype, self.losses.device)
+            bad = _mixing(self.losses, pairs, weights) if pairs else {}
+            for layer, row in bad.values():
+                plan.to_general(layer, f"mixes records: the losses of other records depend on row {row} of its output "
+                                       "(a loss normalised over the batch, a target taken from another row, or batch "
+                                       "statistics computed in forward)")
+            if bad and generic_reverse:
+                missing = {k: p for k, p in plan.generic.items() if k not in reverse}
+                got = torch.autograd.grad(self.losses.sum(), list(missing.values()), allow_unused=True,
+                                          retain_graph=True)
+                reverse.update(zip(missing, got))
+        return {id(layer): out[id(layer)] for layer in plan.layers}, reverse
+
+    # ---- the target gradient ----------------------------------------------------------------------------------------
+    def target_grads(self, target: Tensor) -> dict[str, Tensor | None]:
+        """{name: grad of the (aggregated) target} for every selected parameter; summed over ranks with a
+        process group (None where no rank's target depends on the parameter)."""
+        names = list(self.plan.params)
+        grads = torch.autograd.grad(target, [self.plan.params[k] for k in names], allow_unused=True, retain_graph=True)
+        G = {k: (_dense(g) if g is not None else None) for k, g in zip(names, grads)}
+        if self.pg is not None:
+            G = _all_reduce(G, self.plan.params, self.pg)
+        return G
+
+    # ---- one aggregated target --------------------------------------------------------------------------------------
+    def aggregated(self, target: Tensor) -> Tensor:
+        plan = self.plan
+        G = self.target_grads(target)
+        if all(g is None for g in G.values()):
+            raise ScoringError("target_loss does not depend on any selected parameter; check `params`")
+        grads, reverse = self.output_grads()
+        rows = self.losses.shape[0]
+        total = torch.zeros(rows, dtype=self.acc, device=self.losses.device)
+        for layer in plan.layers:
+            Gl = {}
+            if layer.use_weight and G[plan.name_of(layer.module.weight)] is not None:
+                Gl["weight"] = G[plan.name_of(layer.module.weight)]
+            if layer.use_bias and G[plan.name_of(layer.module.bias)] is not None:
+                Gl["bias"] = G[plan.name_of(layer.module.bias)]
+            total += ghost.aggregated(layer, grads[id(layer)], Gl, rows, self.dtype, self.chunk)
+        generic = {k: p for k, p in plan.generic.items() if G[k] is not None}
+        if generic and rows > 0:
+            jv = _jvp_records(self.model, self.record_fn, generic, [G[k].detach() for k in generic], plan.why)
+            jv = jv.detach().reshape(rows)
+            _check_jvp(jv, reverse, {k: G[k].detach() for k in generic}, plan.why)
+            total += jv.to(total.dtype)
+        return total
+
+    # ---- M targets ----------------------------------------------------------------------------------------------
+    def per_target_grads(self, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+        """{name: [M, *p.shape]} gradients of each target entry, one batched backward (a loop if that cannot run);
+        summed over ranks with a process group."""
+        target, names = self.target, list(params)
+        m_targets = target.shape[0]
+        ps = [params[k] for k in names]
+        eye = torch.eye(m_targets, dtype=target.dtype, device=target.device)
+        try:
+            grads = torch.autograd.grad(target, ps, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
+                                        allow_unused=True)
+        except RuntimeError:
+            rows = [torch.autograd.grad(target[i], ps, retain_graph=True, allow_unused=True) for i in range(m_targets)]
+            grads = [torch.stack([_dense(r[j]) if r[j] is not None else torch.zeros_like(ps[j]) for r in rows])
+                     for j in range(len(ps))]
+        out = {k: (_dense(g) if g is not None else torch.zeros((m_targets,) + p.shape, dtype=p.dtype,
+                                                                 device=p.device))
+               for k, g, p in zip(names, grads, ps)}
+        if self.pg is not None:
+            out = _all_reduce(out, params, self.pg)
+        return out
+
+    def jvp_columns(self, generic: dict[str, nn.Parameter], reverse: dict, Gm: dict[str, Tensor] | None = None) \
+            -> Tensor:
+        """[R, M]: column m = (d record_losses / d generic) . grad t_m, cross-checked against reverse mode. Gm: the
+        per-target gradients when already formed."""
+        Gm = Gm if Gm is not None else self.per_target_grads(generic)
+        tangents = [Gm[k].detach() for k in generic]
+        cols = [_jvp_records(self.model, self.record_fn, generic, [g[i] for g in tangents], self.plan.why).detach()
+                .reshape(-1) for i in range(self.target.shape[0])]
+        jv = torch.stack(cols, 1)
+        _check_jvp(jv, reverse, dict(zip(generic, tangents)), self.plan.why)
+        return jv
+
+    def pairwise(self, reduce: str) -> Tensor:
+        plan, target = self.plan, self.target
+        m_targets, rows = target.shape[0], self.losses.shape[0]
+        for layer in list(plan.layers):
+            if not ghost.has_gram_form(layer.module) and self.pg is None:
+                plan.to_general(layer, "has no pairwise (Gram) form (Conv3d or a grouped conv)")
+        grads, reverse = self.output_grads()
+        gram = self.pg is None and plan.layers and self._one_row_per_target()
+        if not gram:
+            return self._per_target(grads, reverse, reduce)
+        t_grads = self._target_output_grads()
+        xa, ga, xb, gb, embeddings = [], [], [], [], []
+        for layer in plan.layers:
+            rg, tg = grads[id(layer)], t_grads[id(layer)]
+            if layer.kind == "embedding":
+                embeddings.append((layer, rg, tg))
+                continue
+            a = ghost.sides(layer, layer.calls, rg, rows)
+            b = ghost.sides(layer, layer.target_calls if not self.joint else layer.calls, tg, m_targets)
+            if a is None or b is None:
+                continue
+            (x_a, g_a), (x_b, g_b) = a, b
+            t, s = x_a.shape[1], x_b.shape[1]
+            d_in, d_out = x_a.shape[-1], g_a.shape[-1]
+            if t * s * (d_in + d_out) > d_in * d_out:  # T^2 rule: materialising this layer is cheaper
+                x_a, g_a = ghost.materialise(x_a, g_a, self.chunk), torch.ones(rows, 1, dtype=x_a.dtype,
+                                                                                device=x_a.device)
+                x_b, g_b = ghost.materialise(x_b, g_b, self.chunk), torch.ones(m_targets, 1, dtype=x_b.dtype,
+                                                                                device=x_b.device)
+            xa.append(x_a.to(self.dtype)), ga.append(g_a.to(self.dtype))
+            xb.append(x_b.to(self.dtype)), gb.append(g_b.to(self.dtype))
+        generic = plan.generic
+        extra_needed = bool(embeddings) or bool(generic)
+        op_reduce = "none" if extra_needed else reduce
+        result = torch.zeros((rows, m_targets) if op_reduce == "none" else (rows,), dtype=self.acc,
+                             device=self.losses.device)
+        if xa and rows > 0:
+            for s in range(0, rows, self.chunk):
+                with for_kernels():
+                    result[s:s + self.chunk] = ops.grad_sim_reduce(
+                        [x[s:s + self.chunk] for x in xa], [g[s:s + self.chunk] for g in ga], xb, gb, op_reduce)
+        elif op_reduce != "none" and rows > 0:
+            result = reference.reduce_sim(torch.zeros(rows, m_targets, dtype=self.acc, device=result.device), reduce)
+        for layer, rg, tg in embeddings:
+            tlayer = layer if not self.joint else Layer(layer.name, layer.module, layer.use_weight, layer.use_bias,
+                                                        layer.calls, layer.calls)
+            result += ghost.embedding_pairwise(tlayer, rg, tg, rows, m_targets, self.dtype, self.chunk).to(self.acc)
+        if generic and rows > 0:
+            result += self.jvp_columns(generic, reverse).to(self.acc)
+        if extra_needed:
+            result = reference.reduce_sim(result, reduce)
+        return result
+
+    def _target_calls(self, layer: Layer) -> list[Call]:
+        return layer.calls if self.joint else layer.target_calls
+
+    def _target_output_grads(self) -> dict[int, list]:
+        ys = [c.y for layer in self.plan.layers for c in self._target_calls(layer) if c.y.requires_grad]
+        grads = list(torch.autograd.grad(self.target.sum(), ys, allow_unused=True, retain_graph=True)) if ys else []
+        return {id(layer): [grads.pop(0) if c.y.requires_grad else None for c in self._target_calls(layer)]
+                for layer in self.plan.layers}
+
+    def _one_row_per_target(self) -> bool:
+        """Whether target m depends on row m of every scored call only, through the layers' own calls, as the Gram
+        path assumes (e.g. M log-probs of M probe states). Equal row counts are not enough (a target may mix rows).
+        Exactly: each target's gradient on every row, one batched backward, must be zero off its own row (autograd
+        gives exact zeros where there is no dependence); when that [M, M, ...] tensor would be too large, a random
+        combination w . target must give each row w_row times the output gradient of sum(target), up to rounding."""
+        target, m_targets = self.target, self.target.shape[0]
+        layers = self.plan.layers
+        calls = [c for layer in layers for c in self._target_calls(layer) if c.y.requires_grad]
+        if any(not c.batched or c.y.shape[0] != m_targets for c in calls):
+            return False
+        if self.joint and m_targets != self.losses.shape[0]:
+            return False
+        side = "records" if self.joint else "target"
+        if _used_outside([target], layers, side):
+            return False
+        if not calls:
+            return True
+        ys = [c.y for c in calls]
+        if m_targets * sum(y.numel() for y in ys) <= 2**24:
+            eye = torch.eye(m_targets, dtype=target.dtype, device=target.device)
+            try:
+                per = torch.autograd.grad(target, ys, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
+                                          allow_unused=True)
+            except RuntimeError:  # an op without a batching rule: the random-combination test below
+                per = None
+            if per is not None:
+                off = ~torch.eye(m_targets, dtype=torch.bool, device=target.device)
+                return not any(bool(g[off].ne(0).any()) for g in per if g is not None)
+        g1 = torch.autograd.grad(target.sum(), ys, retain_graph=True, allow_unused=True)
+        w = torch.rand(m_targets, generator=torch.Generator().manual_seed(0), dtype=torch.float64).add_(1.0)
+        w = w.to(dtype=target.dtype, device=target.device)
+        gw = torch.autograd.grad(target, ys, grad_outputs=w, retain_graph=True, allow_unused=True)
+        for g, h in zip(g1, gw):
+            if g is None:
+                continue
+            expect = g * w.view((-1,) + (1,) * (g.dim() - 1))
+            h = torch.zeros_like(g) if h is None else h
+            if float((h - expect).abs().max()) > _rel_tol(target.dtype) * max(float(expect.abs().max()), 1e-30):
+                return False
+        return True
+
+    def _per_target(self, grads: dict, reverse: dict, reduce: str) -> Tensor:
+        """Targets the Gram path cannot take: each target's full gradient, contracted per layer."""
+        plan, m_targets, rows = self.plan, self.target.shape[0], self.losses.shape[0]
+        result = torch.zeros(rows, m_targets, dtype=self.acc, device=self.losses.device)
+        # every selected parameter's (the same set on every rank of a process group, whatever each rank's routing)
+        Gm = self.per_target_grads(plan.params)
+        for layer in plan.layers:
+            gw = Gm[plan.name_of(layer.module.weight)] if layer.use_weight else None
+            gbias = Gm[plan.name_of(layer.module.bias)] if layer.use_bias else None
+            for mi in range(m_targets):
+                G = {}
+                if gw is not None:
+                    G["weight"] = gw[mi]
+                if gbias is not None:
+                    G["bias"] = gbias[mi]
+                result[:, mi] += ghost.aggregated(layer, grads[id(layer)], G, rows, self.dtype, self.chunk).to(self.acc)
+        if plan.generic and rows > 0:
+            result += self.jvp_columns(plan.generic, reverse, Gm).to(self.acc)
+        return reference.reduce_sim(result, reduce)
+
+    # ---- check=True ---------------------------------------------------------------------------------------------
+    def verify(self, result: Tensor, reduce: str) -> None:
+        """sum_i score_i must equal <grad sum_i l_i, grad target> (exact identity) on a fresh forward without any
+        capture: catches a missed contribution. reduce is none, sum or mean here (scores before any units sum)."""
+        ps = list(self.plan.params.values())
+        with torch.enable_grad():
+            out, target = self.fresh(self.model)
+            gl = torch.autograd.grad(out.sum(), ps, allow_unused=True, retain_graph=True)
+            t = target if target.dim() == 0 else (target.mean() if reduce == "mean" else target.sum())
+            gt = torch.autograd.grad(t, ps, allow_unused=True)
+        if self.pg is not None:
+            gt = list(_all_reduce(dict(zip(self.plan.params, gt)), self.plan.params, self.pg).values())
+        expect = sum(float((_dense(a).double() * _dense(b).double()).sum()) for a, b in zip(gl, gt)
+                     if a is not None and b is not None)
+        got = float(result.double().sum())
+        scale = max(abs(expect), float(result.double().abs().sum()), 1e-30)
+        if abs(got - expect) > _rel_tol(result.dtype) * scale:
+            raise ScoringError(
+                f"fastattr.score check failed: sum of scores {got:.6g} != <grad sum l, grad target> {expect:.6g} on a "
+                "fresh forward. The model's result differs between forwards (randomness, or code that depends on a "
+                "batch dimension of one), or a contribution was missed; please report this with the model"
+            )
+
+
+def _all_reduce(grads: dict[str, Tensor | None], params: dict[str, nn.Parameter], pg) -> dict[str, Tensor | None]:
+    """Sums {name: gradient or None} over the ranks of `pg` in one collective (None = zeros, and None again where no
+    rank has a gradient). Every rank must pass the same names in the same order."""
+    import torch.distributed as dist
+
+    names = list(grads)
+    ref = {k: params[k] for k in names}
+    shapes = [grads[k].shape if grads[k] is not None else ref[k].shape for k in names]
+    device = next(iter(ref.values())).device
+    dtype = next((g.dtype for g in grads.values() if g is not None), next(iter(ref.values())).dtype)
+    flat = torch.cat([(grads[k] if grads[k] is not None else torch.zeros(s, dtype=dtype, device=device))
+                      .reshape(-1).to(dtype) for k, s in zip(names, shapes)]
+                     + [torch.tensor([float(grads[k] is not None) for k in names], dtype=dtype, device=device)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=pg)
+    used = flat[-len(names):] if names else flat[:0]
+    out, start = {}, 0
+    for i, (k, s) in enumerate(zip(names, shapes)):
+        size = int(torch.Size(s).numel())
+        out[k] = flat[start:start + size].reshape(s) if bool(used[i] > 0) else None
+        start += size
+    return out
+
+
+def _agree(pg, error: BaseException | None) -> None:
+    """With a process group: every rank learns whether any rank failed before a collective, so that one rank's
+    ScoringError does not leave the others waiting in an all-reduce."""
+    if pg is None:
+        if error is not None:
+            raise error
+        return
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if error is None else 1.0], device=_pg_device(pg))
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM, group=pg)
+    if error is not None:
+        raise error
+    if float(flag) > 0:
+        raise ScoringError(f"fastattr.score failed on {int(flag)} other rank(s) of the process group (see their "
+                           "error); no rank scored")
+
+
+def _pg_device(pg) -> torch.device:
+    import torch.distributed as dist
+
+    backend = dist.get_backend(pg)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The public entry points
 # ----------------------------------------------------------------------------------------------------------------------
 def score(
     model: nn.Module,
@@ -480,34 +900,85 @@ def score(
     *,
     params=None,
     reduce: str = "none",
+    units: Tensor | None = None,
     chunk_size: int = 4096,
     dtype: torch.dtype | None = None,
     check: bool = False,
+    check_locality: bool = True,
     deterministic: bool = True,
+    process_group=None,
 ) -> Tensor:
     """Exact attribution scores of N records against one or M targets.
 
     Arguments:
-        model: any nn.Module on one device.
-        record_loss: `record_loss(model) -> Tensor[N]`, the per-record training losses. The leading dimension of
-            every activation through a scored layer must be the record dimension (a record may span T positions).
+        model: any nn.Module on one device (a DistributedDataParallel model is scored through its .module, which the
+            closures then receive).
+        record_loss: `record_loss(model) -> Tensor[N]`, the per-record training losses, or `Tensor[N, T]` per
+            position (e.g. per token; scores come back per position). A record may span several rows of positions.
         target_loss: `target_loss(model) -> Tensor[]` (one aggregated target) or `Tensor[M]` (M targets). If None,
             `record_loss(model)` must return `(record_losses, target)` from one forward pass (cheapest when both
             share the same inputs, as in PPO).
         params: which parameters to score: None (all requiring grad), a predicate `name -> bool`, or an iterable of
             parameter names, module-name prefixes, Parameters or Modules (e.g. only the actor of an actor-critic).
         reduce: for M targets, 'none' -> [N, M]; 'sum' | 'mean' | 'max' | 'min' -> [N]. Ignored for one target.
+        units: an integer index per record ([N]; or per position, [N, T]) into U units (episodes, sequences, groups):
+            the scores come back summed per unit, [U] (or [U, M]), U = units.max() + 1. Exact by linearity; records of
+            one unit may depend on each other's rows.
         chunk_size: records per block in the kernels and in any per-layer materialisation (bounds extra memory).
         dtype: dtype the contractions run in (e.g. torch.float64 for extra precision); default: the model's.
-        check: also verify sum_i score_i against <grad sum_i l_i, grad target> (one extra backward).
+        check: also verify sum_i score_i against <grad sum_i l_i, grad target> on a fresh forward (one extra forward
+            and backward).
+        check_locality: check that record losses do not mix rows (one extra backward to the layer outputs) before a
+            fast path is trusted. Only turn it off for losses you know to be per-row (e.g. a PPO surrogate of an MLP
+            without batch statistics); with it off, a loss that mixes rows is scored wrong.
         deterministic: run the model's forward/backward passes on one intra-op thread, so scores are bit-identical
             whatever torch.get_num_threads() is (BLAS splits long reductions across threads otherwise). fastattr's
             kernels use all threads either way. Set False to let the passes use every thread.
+        process_group: a torch.distributed process group: every rank passes its own records, the target gradient is
+            the sum over ranks of each rank's target gradient (a global mean target: each rank returns its local sum
+            divided by the global record count), and each rank gets its own records' scores. Every rank must call.
 
     Returns:
-        Tensor[N] or Tensor[N, M]: score[i(, m)] = <grad_theta record_loss_i, grad_theta target(_m)>, summed over the
-        selected parameters. float64 when the contractions run in float64, else float32.
+        Tensor[N] or Tensor[N, M] (per position: [N, T] or [N, T, M]; with units: [U] or [U, M]):
+        score[i(, m)] = <grad_theta record_loss_i, grad_theta target(_m)>, summed over the selected parameters.
+        float64 when the contractions run in float64, else float32.
+
+    Raises:
+        ScoringError when the scores cannot be computed exactly; it names the module or argument and what to do.
     """
+    return _score(model, record_loss, target_loss, params=params, reduce=reduce, units=units, chunk_size=chunk_size,
+                  dtype=dtype, check=check, check_locality=check_locality, deterministic=deterministic,
+                  process_group=process_group)[0]
+
+
+@dataclass
+class Explanation:
+    """What fastattr.score did: the scores and, per selected parameter, the path that scored it and why."""
+
+    scores: Tensor
+    paths: dict[str, str]
+    """parameter name -> 'linear' | 'conv' | 'embedding' (a fast path) or 'general: <why it left its fast path>'"""
+
+    def general(self) -> dict[str, str]:
+        """The parameters scored by the general (JVP) path, with the reason."""
+        return {k: v for k, v in self.paths.items() if v.startswith("general")}
+
+
+def explain(model: nn.Module, record_loss, target_loss=None, **kwargs) -> Explanation:
+    """fastattr.score's scores together with the path each parameter took (same arguments as score)."""
+    scores, plan = _score(model, record_loss, target_loss, **kwargs)
+    paths = {}
+    fast = {id(p): layer.kind for layer in plan.layers for p in layer.params()}
+    for name, p in plan.params.items():
+        if id(p) in fast:
+            paths[name] = fast[id(p)]
+        else:
+            paths[name] = "general: " + plan.why.get(name, "not a Linear, Conv or Embedding parameter")
+    return Explanation(scores, paths)
+
+
+def _score(model, record_loss, target_loss=None, *, params=None, reduce="none", units=None, chunk_size=4096,
+           dtype=None, check=False, check_locality=True, deterministic=True, process_group=None):
     if not isinstance(model, nn.Module):
         raise ScoringError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(record_loss):
@@ -518,314 +989,49 @@ def score(
         raise ScoringError(f"reduce must be one of {REDUCE_OVER_M}, got {reduce!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ScoringError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    plan = _plan(model, params)
-    param_dtype = next(iter(plan.params.values())).dtype
-    dtype = dtype or param_dtype
+    inner, sync = _unwrap(model)
+    plan = _plan(inner, params)
+    dtype = dtype or next(iter(plan.params.values())).dtype
     if not dtype.is_floating_point:
         raise ScoringError(f"dtype must be a floating-point dtype, got {dtype}")
-    joint = target_loss is None
-
-    def split(out):  # (record_losses, target) when target_loss is None
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise ScoringError(
-                f"record_loss must return (record_losses, target) when target_loss is None; got {type(out).__name__}"
-            )
-        return out
-
-    def record_fn(m):
-        return split(record_loss(m))[0] if joint else record_loss(m)
-
-    def capture(clone: bool):
-        with _Capture(plan.layers, clone) as cap:
-            losses, target = split(record_loss(model)) if joint else (record_loss(model), None)
-            record_calls = [layer.calls for layer in plan.layers]
-            if not joint:  # a separate forward for the target: keep its calls apart from the records'
-                for layer in plan.layers:
-                    layer.calls = []
-                target = target_loss(model)
-        for layer, calls in zip(plan.layers, record_calls):
-            layer.target_calls, layer.calls = layer.calls, calls
-        return losses, target, cap.modified()
-
-    with _Threads(deterministic), _RequireGrad(plan.params.values()), torch.enable_grad():
-        losses, target, modified = capture(clone=False)
-        if modified:  # an in-place op changed a captured input or output: capture again with copies
-            losses, target, _ = capture(clone=True)
-        losses = _check_records(losses)
-        target = _check_target(target)
-        n = losses.shape[0]
+    job = _Job(inner, plan, record_loss, target_loss, reduce=reduce, units=units, chunk=chunk_size, dtype=dtype,
+               check_locality=check_locality, process_group=process_group)
+    with pinned(deterministic), _RequireGrad(plan.params.values()), torch.enable_grad(), sync:
+        error = None
+        try:
+            job.capture()
+            job.route()
+        except ScoringError as e:
+            error = e
+        _agree(process_group, error)
+        target = job.target
         single = target.dim() == 0 or reduce in ("sum", "mean")
         # check=True with max / min: the check needs the [N, M] scores, so reduce after it
-        inner = "none" if check and reduce in ("max", "min") else reduce
+        inner_reduce = "none" if check and reduce in ("max", "min") else reduce
         if single:
             agg = target if target.dim() == 0 else (target.sum() if reduce == "sum" else target.mean())
-            result = _score_aggregated(model, plan, record_fn, losses, agg, n, dtype, chunk_size)
+            result = job.aggregated(agg)
         else:
-            result = _score_pairwise(model, plan, record_fn, losses, target, n, dtype, chunk_size, inner)
+            result = job.pairwise(inner_reduce)
         if check:
-            def fresh(m):  # records and target from a new forward: the scoring backward freed the joint graph
-                return split(record_loss(m)) if joint else (record_loss(m), target_loss(m))
-
-            _verify(plan, fresh, model, result, inner, single)
-        if not single and inner != reduce:
+            job.verify(result, inner_reduce)
+        if not single and inner_reduce != reduce:
             result = reference.reduce_sim(result, reduce)
-    return result
+        result = _to_units(job, result)
+    return result, plan
 
 
-def _param_grads(target: Tensor, params: dict[str, nn.Parameter], retain: bool) -> dict[str, Tensor | None]:
-    names = list(params)
-    grads = torch.autograd.grad(target, [params[k] for k in names], allow_unused=True, retain_graph=retain)
-    return dict(zip(names, grads))
-
-
-def _score_aggregated(model, plan, record_fn, losses, target, n, dtype, chunk) -> Tensor:
-    G = _param_grads(target, plan.params, retain=True)
-    if all(g is None for g in G.values()):
-        raise ScoringError("target_loss does not depend on any selected parameter; check `params`")
-    generic = {k: p for k, p in plan.generic.items() if G[k] is not None}
-    out_grads, reverse = _grads_to_outputs(losses, plan.layers, retain=False, extra=generic)
-    total = torch.zeros(n, dtype=reference.score_dtype(dtype), device=losses.device)
-    for layer, gs in zip(plan.layers, out_grads):
-        Gl = {}
-        if layer.weight:
-            Gl["weight"] = G[plan.name_of(layer.module.weight)]
-        if layer.bias:
-            Gl["bias"] = G[plan.name_of(layer.module.bias)]
-        Gl = {k: v for k, v in Gl.items() if v is not None}
-        total += _ghost_aggregated(layer, gs, Gl, n, dtype, chunk)
-    if generic and n > 0:
-        jv = _jvp_records(model, record_fn, generic, [G[k].detach() for k in generic]).detach()
-        _check_jvp(jv, reverse, {k: G[k].detach() for k in generic})
-        total += jv.to(total.dtype)
-    return total
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# M targets:  score_im = <grad l_i, grad t_m>
-# ----------------------------------------------------------------------------------------------------------------------
-def _layer_sides(layer: _Layer, calls, gs, rows: int) -> tuple[Tensor, Tensor] | None:
-    """All calls of one layer as positions: x [rows, T, d_in(+1)], g [rows, T, d_out]; None if nothing depends on it.
-    A constant-1 column folds the bias into x; with only the bias selected x is that column alone."""
-    xs, gss = [], []
-    m = layer.module
-    for (x, _), g in zip(calls, gs):
-        if g is None:
-            continue
-        if isinstance(m, nn.Linear):
-            x3, g3 = _positions(x, g, rows, layer.name)
-        else:
-            if x.shape[0] != rows:
-                _positions(x, g, rows, layer.name)
-            x3, g3 = _conv_patches(m, x, g)
-        if not layer.weight:
-            x3 = x3.new_ones(x3.shape[:-1] + (1,))
-        elif layer.bias:
-            x3 = torch.cat([x3, x3.new_ones(x3.shape[:-1] + (1,))], dim=-1)
-        xs.append(x3)
-        gss.append(g3)
-    if not xs:
-        return None
-    return torch.cat(xs, 1), torch.cat(gss, 1)
-
-
-def _materialise(x: Tensor, g: Tensor, chunk: int) -> Tensor:
-    """Per-sample gradients of one layer, [rows, d_out * d_in]: sum_t g_t x_t^T (chunked over rows)."""
-    parts = [torch.einsum("nto,nti->noi", g[s:s + chunk], x[s:s + chunk]).flatten(1) for s in range(0, len(x), chunk)]
-    return torch.cat(parts) if parts else x.new_zeros(0, g.shape[-1] * x.shape[-1])
-
-
-def _score_pairwise(model, plan, record_fn, losses, target, n, dtype, chunk, reduce) -> Tensor:
-    m_targets = target.shape[0]
-    acc = reference.score_dtype(dtype)
-    # Output gradients of the targets (per target, when target m depends on row m only) and of the records.
-    generic = dict(plan.generic)  # + convs without a Gram form (Conv3d, groups > 1): the JVP path
-    for layer in plan.layers:
-        if isinstance(layer.module, _CONV) and not _pairwise_ok(layer.module):
-            generic.update({plan.name_of(p): p for p in _layer_params(layer)})
-    t_grads = _grads_to_outputs(target, _with_calls(plan.layers, "target_calls"), retain=True)
-    r_grads, reverse = _grads_to_outputs(losses, plan.layers, retain=True, extra=generic)
-    if not _one_row_per_target(target, plan.layers, t_grads):
-        return _score_per_target(model, plan, record_fn, losses, target, r_grads, reverse, n, dtype, chunk, reduce)
-
-    xa, ga, xb, gb, embeddings = [], [], [], [], []
-    for layer, rg, tg in zip(plan.layers, r_grads, t_grads):
-        if isinstance(layer.module, nn.Embedding):
-            embeddings.append((layer, rg, tg))
-            continue
-        if isinstance(layer.module, _CONV) and not _pairwise_ok(layer.module):
-            continue
-        a = _layer_sides(layer, layer.calls, rg, n)
-        b = _layer_sides(layer, layer.target_calls, tg, m_targets)
-        if a is None or b is None:
-            continue
-        (x_a, g_a), (x_b, g_b) = a, b
-        t, s = x_a.shape[1], x_b.shape[1]
-        d_in, d_out = x_a.shape[-1], g_a.shape[-1]
-        if t * s * (d_in + d_out) > d_in * d_out:  # T^2 rule: materialising this layer is cheaper
-            x_a, g_a = _materialise(x_a, g_a, chunk), torch.ones(n, 1, dtype=x_a.dtype, device=x_a.device)
-            x_b, g_b = _materialise(x_b, g_b, chunk), torch.ones(m_targets, 1, dtype=x_b.dtype, device=x_b.device)
-        xa.append(x_a.to(dtype)), ga.append(g_a.to(dtype)), xb.append(x_b.to(dtype)), gb.append(g_b.to(dtype))
-
-    extra_needed = bool(embeddings) or bool(generic)
-    op_reduce = "none" if extra_needed else reduce
-    out_shape = (n, m_targets) if op_reduce == "none" else (n,)
-    result = torch.zeros(out_shape, dtype=acc, device=losses.device)
-    if xa and n > 0:
-        for s in range(0, n, chunk):
-            with _Threads.full():
-                result[s:s + chunk] = ops.grad_sim_reduce(
-                    [x[s:s + chunk] for x in xa], [g[s:s + chunk] for g in ga], xb, gb, op_reduce
-                )
-    elif op_reduce != "none" and n > 0:
-        result = reference.reduce_sim(torch.zeros(n, m_targets, dtype=acc, device=losses.device), reduce)
-    for layer, rg, tg in embeddings:
-        result += _embedding_pairwise(layer, rg, tg, n, m_targets, dtype, chunk).to(acc)
-    if generic:
-        result += _jvp_checked(model, record_fn, generic, target, reverse, n, chunk).to(acc)
-    if extra_needed:
-        result = reference.reduce_sim(result, reduce)
-    return result
-
-
-def _one_row_per_target(target: Tensor, layers: list[_Layer], t_grads) -> bool:
-    """Whether target m depends on row m of every scored call only, as the Gram path assumes (e.g. M log-probs of M
-    probe states). Equal row counts are not enough (a target may mix rows). Exactly: each target's gradient on every
-    row, one batched backward, must be zero off its own row (autograd gives exact zeros where there is no
-    dependence); when that [M, M, ...] tensor would be too large, a random combination w . target must give each
-    row w_row times the output gradient of sum(target), up to rounding (a cross-row term below the rounding of a row
-    whose own target is far larger can pass there)."""
-    m_targets = target.shape[0]
-    calls = [(y, g) for layer, tg in zip(layers, t_grads) for (_, y), g in zip(layer.target_calls, tg) if g is not None]
-    if any(y.shape[0] != m_targets for y, _ in calls):
-        return False
-    if not calls:
-        return True
-    ys = [y for y, _ in calls]
-    if m_targets * sum(y.numel() for y in ys) <= 2**24:
-        eye = torch.eye(m_targets, dtype=target.dtype, device=target.device)
-        try:
-            per = torch.autograd.grad(target, ys, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
-                                      allow_unused=True)
-        except RuntimeError:  # an op without a batching rule: the random-combination test below
-            per = None
-        if per is not None:
-            off = ~torch.eye(m_targets, dtype=torch.bool, device=target.device)
-            return not any(bool(g[off].ne(0).any()) for g in per if g is not None)
-    w = torch.rand(m_targets, generator=torch.Generator().manual_seed(0), dtype=torch.float64).add_(1.0)
-    w = w.to(dtype=target.dtype, device=target.device)
-    gw = torch.autograd.grad(target, ys, grad_outputs=w, retain_graph=True, allow_unused=True)
-    for (_, g), h in zip(calls, gw):
-        expect = g * w.view((-1,) + (1,) * (g.dim() - 1))
-        h = torch.zeros_like(g) if h is None else h
-        if float((h - expect).abs().max()) > _rel_tol(target.dtype) * max(float(expect.abs().max()), 1e-30):
-            return False
-    return True
-
-
-def _with_calls(layers: list[_Layer], attr: str) -> list[_Layer]:
-    return [_Layer(l.name, l.module, l.weight, l.bias, getattr(l, attr, [])) for l in layers]
-
-
-def _embedding_pairwise(layer, rg, tg, n, m_targets, dtype, chunk) -> Tensor:
-    """sum_{t,s} [idx_nt == idx_ms] (g_nt . g_ms), with padding_idx rows excluded."""
-    mod = layer.module
-
-    def side(calls, gs, rows):
-        idx, g = [], []
-        for (x, _), gg in zip(calls, gs):
-            if gg is None:
-                continue
-            if x.shape[0] != rows:
-                _positions(x, gg, rows, layer.name)
-            i = x.reshape(rows, -1)
-            idx.append(i), g.append(gg.reshape(rows, i.shape[1], -1).to(dtype))
-        if not idx:
-            return None
-        i, gg = torch.cat(idx, 1), torch.cat(g, 1)
-        if mod.padding_idx is not None:
-            gg = gg * (i != mod.padding_idx).unsqueeze(-1)
-        return i, gg
-
-    out = torch.zeros(n, m_targets, dtype=reference.score_dtype(dtype), device=mod.weight.device)
-    a, b = side(layer.calls, rg, n), side(layer.target_calls, tg, m_targets)
-    if a is None or b is None or not layer.weight:
-        return out
-    (ia, ga), (ib, gb) = a, b
-    for s in range(0, n, max(1, chunk // max(1, ia.shape[1]))):
-        e = slice(s, s + max(1, chunk // max(1, ia.shape[1])))
-        eq = (ia[e, :, None, None] == ib[None, None]).to(dtype)  # [n, T, M, S]
-        dots = torch.einsum("nto,mso->ntms", ga[e], gb)
-        out[e] = (eq * dots).sum((1, 3)).to(out.dtype)
-    return out
-
-
-def _per_target_grads(target: Tensor, params: dict[str, nn.Parameter], chunk: int) -> list[Tensor]:
-    """[M, *p.shape] gradients of each target entry, one vmapped backward (loop if vmap cannot run)."""
-    names = list(params)
-    m_targets = target.shape[0]
-    ps = [params[k] for k in names]
-    eye = torch.eye(m_targets, dtype=target.dtype, device=target.device)
-    try:
-        grads = torch.autograd.grad(target, ps, grad_outputs=eye, is_grads_batched=True, retain_graph=True,
-                                    allow_unused=True)
-    except RuntimeError:
-        rows = [torch.autograd.grad(target[i], ps, retain_graph=True, allow_unused=True) for i in range(m_targets)]
-        grads = [torch.stack([r[j] if r[j] is not None else torch.zeros_like(ps[j]) for r in rows])
-                 for j in range(len(ps))]
-    return [g if g is not None else torch.zeros((m_targets,) + p.shape, dtype=p.dtype, device=p.device)
-            for g, p in zip(grads, ps)]
-
-
-def _jvp_checked(model, record_fn, generic, target: Tensor, reverse: dict, n: int, chunk: int) -> Tensor:
-    """[N, M]: column m = (d record_losses / d generic) . grad t_m, cross-checked against reverse mode."""
-    Gm = [g.detach() for g in _per_target_grads(target, generic, chunk)]
-    cols = [_jvp_records(model, record_fn, generic, [g[i] for g in Gm]).detach() for i in range(len(Gm[0]))]
-    jv = torch.stack(cols, 1) if cols else torch.zeros(n, 0)
-    _check_jvp(jv, reverse, dict(zip(generic, Gm)))
-    return jv
-
-
-def _score_per_target(model, plan, record_fn, losses, target, r_grads, reverse, n, dtype, chunk, reduce) -> Tensor:
-    """Targets whose activations are not one row per target: full per-target gradients, then per-layer contraction."""
-    acc = reference.score_dtype(dtype)
-    m_targets = target.shape[0]
-    result = torch.zeros(n, m_targets, dtype=acc, device=losses.device)
-    ghost_params = {f"{l.name}.{k}": p for l in plan.layers for k, p in zip(
-        (["weight"] if l.weight else []) + (["bias"] if l.bias else []), _layer_params(l))}
-    Gm = dict(zip(ghost_params, _per_target_grads(target, ghost_params, chunk))) if ghost_params else {}
-    for layer, rg in zip(plan.layers, r_grads):
-        gw = Gm.get(f"{layer.name}.weight")
-        gbias = Gm.get(f"{layer.name}.bias")
-        for mi in range(m_targets):
-            G = {}
-            if gw is not None:
-                G["weight"] = gw[mi]
-            if gbias is not None:
-                G["bias"] = gbias[mi]
-            result[:, mi] += _ghost_aggregated(layer, rg, G, n, dtype, chunk).to(acc)
-    if plan.generic:
-        result += _jvp_checked(model, record_fn, plan.generic, target, reverse, n, chunk).to(acc)
-    return reference.reduce_sim(result, reduce)
-
-
-def _verify(plan, fresh, model, result, reduce, single) -> None:
-    """sum_i score_i must equal <grad sum_i l_i, grad target> (exact identity, cheap): catches missed contributions.
-    `fresh(model) -> (record_losses, target)` runs a new forward. reduce is none, sum or mean here."""
-    with torch.enable_grad():
-        out, target = fresh(model)
-        ps = list(plan.params.values())
-        gl = torch.autograd.grad(out.sum(), ps, allow_unused=True, retain_graph=True)
-        t = target if target.dim() == 0 else (target.mean() if reduce == "mean" else target.sum())
-        gt = torch.autograd.grad(t, ps, allow_unused=True)
-    expect = sum(float((a.double() * b.double()).sum()) for a, b in zip(gl, gt) if a is not None and b is not None)
-    got = float(result.double().sum())
-    scale = max(abs(expect), float(result.double().abs().sum()), 1e-30)
-    if abs(got - expect) > _rel_tol(result.dtype) * scale:
-        raise RuntimeError(
-            f"fastattr.score check failed: sum of scores {got:.6g} != <grad sum l, grad target> {expect:.6g}. A selected "
-            "parameter is used outside the module that owns it (e.g. F.linear(x, layer.weight)); score it through its "
-            "module or exclude it with `params`"
-        )
+def _to_units(job: _Job, result: Tensor) -> Tensor:
+    """Scores per scored row -> the returned shape: per unit (summed), per position [N, T(, M)], or per record."""
+    units = job.units
+    if units is None:
+        if len(job.raw_shape) == 2 and not job.sum_positions:
+            return result.reshape(tuple(job.raw_shape) + tuple(result.shape[1:]))
+        return result
+    flat = units.reshape(-1)
+    n_units = int(flat.max()) + 1 if flat.numel() else 0
+    out = torch.zeros((n_units,) + tuple(result.shape[1:]), dtype=result.dtype, device=result.device)
+    return out.index_add_(0, flat.to(result.device), result)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

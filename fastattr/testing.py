@@ -79,3 +79,34 @@ def within_tolerance(ours: float, torch_err: float, scale: float, dtype: torch.d
     """Kernel error <= 2x torch's own error in the same dtype, plus a scale-relative floor."""
     floor = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-3)
     return ours <= 2 * torch_err + floor * max(scale, 1.0)
+
+
+def brute_force_scores(model, record_loss, target_loss=None, params=None):
+    """The oracle for fastattr.score: one autograd.grad per loss entry and per target, dotted in float64.
+
+    Same arguments as fastattr.score (params: None for every parameter that requires grad, or a predicate on the
+    name). Returns float64 scores shaped like the record losses, with a trailing M for M targets. Slow by design:
+    per-record gradients are materialised one at a time."""
+    named = [(k, p) for k, p in model.named_parameters() if (p.requires_grad if params is None else params(k))]
+    ps = [p for _, p in named]
+    saved = [p.requires_grad for p in ps]
+    for p in ps:
+        p.requires_grad_(True)
+    try:
+        def flat(out):
+            gs = torch.autograd.grad(out, ps, retain_graph=True, allow_unused=True)
+            gs = [torch.zeros_like(p) if g is None else g.to_dense() if g.is_sparse else g for g, p in zip(gs, ps)]
+            return torch.cat([g.reshape(-1) for g in gs]).double()
+
+        if target_loss is None:
+            losses, target = record_loss(model)
+        else:
+            losses, target = record_loss(model), target_loss(model)
+        rows = torch.stack([flat(l) for l in losses.reshape(-1)])
+        t = flat(target)[None] if target.dim() == 0 else torch.stack([flat(target[m]) for m in range(len(target))])
+        s = rows @ t.T
+        s = s[:, 0] if target.dim() == 0 else s
+        return s.reshape(tuple(losses.shape) + tuple(s.shape[1:]))
+    finally:
+        for p, r in zip(ps, saved):
+            p.requires_grad_(r)

@@ -30,14 +30,28 @@ def test_record_loss_returning_a_scalar():
 
 def test_record_loss_wrong_shape():
     with pytest.raises(ScoringError, match="record_loss must return a 1-D"):
-        fastattr.score(mlp(), lambda m: m(X), tgt)
+        fastattr.score(mlp(), lambda m: m(X)[:, :, None], tgt)
     with pytest.raises(ScoringError, match="record_loss must return a Tensor"):
         fastattr.score(mlp(), lambda m: [1.0], tgt)
 
 
-def test_mismatched_n_between_losses_and_activations():
-    with pytest.raises(ScoringError, match="module '0' saw a leading dimension of 10 but there are N=5"):
-        fastattr.score(mlp(), lambda m: rec(m)[:5], tgt)
+def test_fewer_losses_than_activation_rows_are_scored_by_the_general_path():
+    """Five losses from ten rows: the fast path's row-per-record rule does not hold, the exact general path runs."""
+    model = mlp().double()
+    xd = X.double()
+
+    def rec5(m):
+        return m(xd).pow(2).sum(1)[:5]
+
+    def tgt2(m):
+        return m(xd[:2]).sum()
+
+    got = fastattr.explain(model, rec5, tgt2)
+    assert "leading dimension is not the N=5 records" in got.paths["0.weight"]
+    exact = torch.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(rec5(model)[i], model.parameters())])
+                         for i in range(5)]) @ torch.cat([g.reshape(-1) for g in
+                                                          torch.autograd.grad(tgt2(model), model.parameters())])
+    assert torch.allclose(got.scores, exact, rtol=1e-10, atol=0)
 
 
 def test_target_not_depending_on_selected_parameters():
