@@ -4,7 +4,7 @@ TORCH ?= torch==2.13.0
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEPS := numpy "gymnasium[box2d]>=1.0" minigrid highway-env pytest hypothesis pybind11 ninja matplotlib tqdm scipy \
-  setuptools wheel stable-baselines3 tyro
+  setuptools wheel stable-baselines3 tyro transformers trl peft accelerate
 CSRC := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp)
 PYTEST_ARGS ?=
 

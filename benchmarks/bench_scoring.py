@@ -2,8 +2,13 @@
 
 Plain passes (= 1.0): one forward+backward of the summed record losses plus one forward+backward of the target, the
 work any gradient-based scorer must at least do. Rows, all on the same actor and buffer, timed side by side in one run:
-  fastattr            fastattr.score(model, record_loss, target_loss) with the C++ kernels
-  fastattr-joint      the same with records and target from one forward (what the PPO loop uses)
+  fastattr            fastattr.score(model, record_loss, target_loss) with the C++ kernels, default settings (with the
+                      checks that keep it exact: the graph walk for uses outside a module, and the row-locality
+                      backward)
+  fastattr-no-locality  the same with check_locality=False (what the row-locality backward costs)
+  fastattr+check      the same with check=True (the optional sum identity on a fresh forward)
+  fastattr-joint      records and target from one forward (what the PPO loop uses), default settings
+  fastattr-joint-no-locality  the joint form with check_locality=False
   fastattr-reference  fastattr.score with the pure-torch reference ops instead of the kernels
   vmap                torch.func.vmap(grad) per-sample gradients flattened to [N, P], then a GEMV (TRAK / dattri)
   vmap-per-param      the same gradients dotted parameter by parameter (no [N, P] concatenation)
@@ -35,7 +40,8 @@ import fastattr
 from fastattr import ops
 from fastattr.info import provenance
 
-METHODS = ["plain", "fastattr", "fastattr-joint", "fastattr-reference", "materialise", "vmap", "vmap-per-param"]
+METHODS = ["plain", "fastattr", "fastattr-no-locality", "fastattr+check", "fastattr-joint", "fastattr-joint-no-locality",
+           "fastattr-reference", "materialise", "vmap", "vmap-per-param"]
 
 
 def make_case(hidden: int, n: int, seed: int = 0):
@@ -73,8 +79,17 @@ def methods(actor, obs, act, adv, adv_n):
     def fast():
         return fastattr.score(actor, record_loss, target_loss, deterministic=False)
 
+    def fast_no_locality():
+        return fastattr.score(actor, record_loss, target_loss, deterministic=False, check_locality=False)
+
+    def fast_check():
+        return fastattr.score(actor, record_loss, target_loss, deterministic=False, check=True)
+
     def fast_joint():
         return fastattr.score(actor, joint, deterministic=False)
+
+    def fast_joint_no_locality():
+        return fastattr.score(actor, joint, deterministic=False, check_locality=False)
 
     def fast_reference():
         saved = ops._use_kernel
@@ -126,7 +141,9 @@ def methods(actor, obs, act, adv, adv_n):
             score += (Q * P).sum((1, 2)) + gt @ gv.sum(0)  # + bias term
         return score
 
-    return {"plain": plain, "fastattr": fast, "fastattr-joint": fast_joint, "fastattr-reference": fast_reference,
+    return {"plain": plain, "fastattr": fast, "fastattr-no-locality": fast_no_locality, "fastattr+check": fast_check,
+            "fastattr-joint": fast_joint, "fastattr-joint-no-locality": fast_joint_no_locality,
+            "fastattr-reference": fast_reference,
             "vmap": via_vmap, "vmap-per-param": via_vmap_per_param, "materialise": materialise}
 
 
@@ -140,12 +157,14 @@ def vm_hwm_kb() -> int:
 
 
 def peak_memory_mb(method: str, hidden: int, n: int, threads: int) -> float:
-    """Runs one method in a fresh process; returns its peak RSS above the set-up high-water mark (MiB)."""
+    """Runs one method in a fresh process; returns its peak RSS above the set-up high-water mark (MiB). A call on 8
+    records first pays one-time costs (lazy initialisation in torch, e.g. ~30 MiB on the first backward with explicit
+    grad_outputs), which are not memory per record."""
     code = (
         "import torch, sys; sys.path.insert(0, %r); import bench_scoring as b;"
-        "torch.set_num_threads(%d); c = b.make_case(%d, %d); fns = b.methods(*c);"
-        "base = b.vm_hwm_kb(); fns[%r](); print((b.vm_hwm_kb() - base) / 1024)"
-    ) % (str(Path(__file__).parent.resolve()), threads, hidden, n, method)
+        "torch.set_num_threads(%d); b.methods(*b.make_case(%d, 8))[%r](); c = b.make_case(%d, %d);"
+        "fns = b.methods(*c); base = b.vm_hwm_kb(); fns[%r](); print((b.vm_hwm_kb() - base) / 1024)"
+    ) % (str(Path(__file__).parent.resolve()), threads, hidden, method, hidden, n, method)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -156,7 +175,9 @@ def bench(hidden: int, n: int, threads: int, min_run_time: float, rounds: int) -
     fns = methods(*case)
     # correctness before timing: every method gives the same scores
     ref = fns["fastattr-reference"]().double()
-    for name in ("fastattr", "fastattr-joint", "materialise", "vmap", "vmap-per-param"):
+    for name in METHODS[1:]:
+        if name == "fastattr-reference":
+            continue
         err = ((fns[name]().double() - ref).abs().max() / ref.abs().max()).item()
         assert err < 1e-4, f"{name} disagrees with the reference: rel err {err:.2e}"
     # Interleaved timing: each round times every method back to back, and a method's ratio is the median over rounds
@@ -195,7 +216,7 @@ def main():
     meta = provenance(packages=("numpy",))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     print(f"# bench_scoring  torch {meta['torch']}  commit {meta['commit']}  threads {args.threads}  {meta['machine']}")
-    print(f"{'shape':<18}{'method':<20}{'median ms':>11}{'x plain':>9}{'min-max':>13}{'peak MiB':>10}{'x plain':>9}")
+    print(f"{'shape':<18}{'method':<28}{'median ms':>11}{'x plain':>9}{'min-max':>13}{'peak MiB':>10}{'x plain':>9}")
     with open(args.out, "a") as f:
         for hidden, n in shapes:
             for r in bench(hidden, n, args.threads, args.min_run_time, args.rounds):
