@@ -32,14 +32,19 @@ import torch
 import torch.nn as nn
 
 from fastattr import envs as envs_lib  # noqa: E402
-from fastattr import filtering, ops, ppo  # noqa: E402
+from fastattr import filtering, ops  # noqa: E402
 from fastattr.info import provenance  # noqa: E402
+from fastattr.rl.agent import Agent, make_optimizer
+from fastattr.rl.config import Args, paper_overrides, validate_args
+from fastattr.rl.rollout import RolloutState, collect_rollout, compute_gae
+from fastattr.targets import normalize_advantages
+from fastattr.rl.update import ppo_update
 
 ENV_ID = "LunarLander-v3"
 
 
-def paper_args(method: str) -> ppo.Args:
-    return ppo.validate_args(ppo.Args(**{**ppo.paper_overrides(ENV_ID), "env_id": ENV_ID, "method": method,
+def paper_args(method: str) -> Args:
+    return validate_args(Args(**{**paper_overrides(ENV_ID), "env_id": ENV_ID, "method": method,
                                          "eval_episodes": 0, "run_dir": "/tmp/unused", "progress": False}))
 
 
@@ -51,32 +56,32 @@ class Ours:
         self.args = args = paper_args(method)
         torch.manual_seed(seed)
         self.envs = envs_lib.make_vector_env(ENV_ID, 1)
-        self.agent = ppo.Agent(self.envs.single_observation_space, self.envs.single_action_space)
-        self.opt = ppo.make_optimizer(self.agent, args)
+        self.agent = Agent(self.envs.single_observation_space, self.envs.single_action_space)
+        self.opt = make_optimizer(self.agent, args)
         self.gen = torch.Generator().manual_seed(seed)
         self.rng = np.random.default_rng(seed)
         obs, _ = self.envs.reset(seed=seed)
-        self.state = ppo.RolloutState(obs, np.zeros(1), np.zeros(1, dtype=np.int64), np.random.default_rng(seed))
+        self.state = RolloutState(obs, np.zeros(1), np.zeros(1, dtype=np.int64), np.random.default_rng(seed))
 
     def round(self) -> dict:
         a, t = self.args, {}
         t0 = time.perf_counter()
-        buf, _ = ppo.collect_rollout(self.envs, self.agent, self.state, a)
-        ppo.compute_gae(buf, a.gamma, a.gae_lambda)
+        buf, _ = collect_rollout(self.envs, self.agent, self.state, a)
+        compute_gae(buf, a.gamma, a.gae_lambda)
         t["rollout"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         order = torch.randperm(buf.n, generator=self.gen)
         keep = None
         if a.method != "ppo":
-            adv = ppo.normalize_advantages(buf.advantages, order, a.batch_size, a.score_adv_norm)
+            adv = normalize_advantages(buf.advantages, order, a.batch_size, a.score_adv_norm)
             t1 = time.perf_counter()
-            scores = ppo.score_buffer(self.agent, buf.obs, buf.actions, adv, buf.advantages)
+            scores = self.agent.return_scores(buf.obs, buf.actions, adv, buf.advantages)
             t["score"] = time.perf_counter() - t1
             keep = filtering.keep_mask(a.method, scores, a.p, self.rng)
             t["kept"] = float(keep.float().mean())
         t["attr"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ppo.ppo_update(self.agent, self.opt, buf, keep, a, self.gen, epoch1_order=order)
+        ppo_update(self.agent, self.opt, buf, keep, a, self.gen, epoch1_order=order)
         t["update"] = time.perf_counter() - t0
         t["total"] = t["rollout"] + t["attr"] + t["update"]
         return t

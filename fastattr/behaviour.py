@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import analysis, probes, runinfo
+from . import analysis, probes, runinfo, targets
 
 
 def embed(agent, obs: torch.Tensor) -> np.ndarray:
@@ -39,48 +39,15 @@ def embed(agent, obs: torch.Tensor) -> np.ndarray:
 def final_agent(run, args):
     """The run's final network (checkpoints/latest.pt), the "well-trained network" whose embeddings define the
     roughness graph; falls back to the last saved θ(k)."""
-    from . import ppo
-    path = ppo.checkpoint_path(run.path)
+    from .rl.rundir import checkpoint_path, load_checkpoint
+    path = checkpoint_path(run.path)
     agent = runinfo.make_agent(args)
     if path.exists():
-        agent.load_state_dict(ppo.load_checkpoint(path)["agent"])
+        agent.load_state_dict(load_checkpoint(path)["agent"])
         return agent, "final checkpoint"
     k = max(run.rounds)
     agent, _ = runinfo.load_theta(run, k, args)
     return agent, f"θ({k})"
-
-
-def action_influence(agent, buf, adv_record: torch.Tensor, target_idx: np.ndarray) -> torch.Tensor:
-    """[N] mean over the M targets of <∇ l_i, ∇(−log π(a_m|s_m))>, actor parameters only (fastattr.score, M targets)."""
-    import fastattr
-    t_obs, t_act = buf.obs[target_idx], buf.actions[target_idx]
-
-    def records(model):
-        return -adv_record * model.log_prob(buf.obs, buf.actions)
-
-    def targets(model):
-        return -model.log_prob(t_obs, t_act)
-
-    return fastattr.score(agent, records, targets, params=agent.is_actor_param, reduce="mean")
-
-
-def pick_targets(mask: np.ndarray, n_targets: int) -> np.ndarray:
-    """Up to n_targets probe-matching record indices, evenly spread over the buffer (deterministic)."""
-    match = np.nonzero(mask)[0]
-    return match[np.unique(np.linspace(0, len(match) - 1, min(n_targets, len(match))).round().astype(int))]
-
-
-def probe_scores(agent, buf, adv_record: torch.Tensor, probe_spec: str, n_targets: int, env_id: str) -> dict:
-    """What `fastattr train --probe` stores per round: probe_mask [N], probe_targets [M] (record indices) and
-    score_action [N], each record's mean influence on log pi(a_m|s_m) over the targets (empty when nothing matches)."""
-    probe = probes.get_probe(probe_spec)
-    probe.check_env(env_id)
-    mask = probe(buf.obs.numpy(), buf.actions.numpy())
-    target_idx = pick_targets(mask, n_targets)
-    out = {"probe_mask": mask, "probe_targets": target_idx}
-    if len(target_idx):
-        out["score_action"] = action_influence(agent, buf, adv_record, target_idx)
-    return out
 
 
 def analyse_round(run, args, k: int, probe: probes.Probe, emb_agent, n_targets: int, top: int,
@@ -92,12 +59,13 @@ def analyse_round(run, args, k: int, probe: probes.Probe, emb_agent, n_targets: 
     row = {"round": k, "n_records": int(buf.n), "n_match": int(mask.sum())}
     if not mask.any():
         return row
-    target_idx = pick_targets(mask, n_targets)
+    target_idx = targets.pick_targets(mask, n_targets)
     if "adv_norm" in data:
         adv_record = torch.as_tensor(np.asarray(data["adv_norm"], dtype=np.float32))
     else:
         adv_record = (buf.advantages - buf.advantages.mean()) / (buf.advantages.std() + 1e-8)
-    infl = action_influence(agent, buf, adv_record, target_idx).double().numpy()
+    infl = targets.action_scores(agent, lambda m, o, a: m.log_prob(o, a), buf.obs, buf.actions, adv_record, target_idx,
+                                 params=agent.is_actor_param).double().numpy()
     top_idx, _ = analysis.top_bottom(infl, top)
     acts = np.round(act_np.reshape(len(act_np), -1)[:, 0]).astype(np.int64) if not agent.continuous else None
     same = np.isin(acts, probe.actions) if acts is not None and probe.actions else None

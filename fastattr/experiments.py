@@ -1,5 +1,5 @@
 """`fastattr train` (one run) and `fastattr compare` (methods x seeds in parallel processes, then plots and the
-paper's metrics). Flags come from `ppo.Args` (field docstrings are the --help text); `--preset paper` applies the
+paper's metrics). Flags come from `Args` (field docstrings are the --help text); `--preset paper` applies the
 paper's settings for the env (fastattr/envs.py) under any flag given explicitly."""
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 
-from . import ppo
+from . import filtering, ppo
 from .runinfo import parse_int_list
+from .rl.config import Args, paper_overrides, validate_args
+from .rl.rundir import args_differences, checkpoint_path, load_checkpoint, recorded_args, semantic_args
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -40,11 +42,11 @@ def _flag(name: str) -> str:
 
 def add_args_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One flag per Args field; defaults are SUPPRESSed so we can tell which flags were given."""
-    docs = _field_docs(ppo.Args)
-    for f in fields(ppo.Args):
+    docs = _field_docs(Args)
+    for f in fields(Args):
         if f.name in skip:
             continue
-        default = ppo.Args().__getattribute__(f.name)
+        default = Args().__getattribute__(f.name)
         help_ = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
         if isinstance(default, bool):
             parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
@@ -69,17 +71,17 @@ def _json_object(name):
     return parse
 
 
-def build_args(given: dict) -> ppo.Args:
+def build_args(given: dict) -> Args:
     """Args defaults < the paper preset (if given['preset'] == 'paper') < the flags given."""
     values = {}
     if given.get("preset") == "paper":
         if "env_id" not in given:
             raise ValueError("--preset paper needs --env-id")
-        values.update(ppo.paper_overrides(given["env_id"]))
+        values.update(paper_overrides(given["env_id"]))
     elif given.get("preset") not in (None, ""):
         raise ValueError(f"--preset must be 'paper', got {given['preset']!r}")
     values.update(given)
-    return ppo.Args(**values)
+    return Args(**values)
 
 
 def train_parser(prog: str = "fastattr train") -> argparse.ArgumentParser:
@@ -114,11 +116,11 @@ def main_train(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 def run_finished(run_dir: Path) -> bool:
     """True when run_dir holds a checkpoint marked finished (a run `fastattr compare` skips)."""
-    ck = ppo.checkpoint_path(run_dir)
+    ck = checkpoint_path(run_dir)
     if not ck.exists():
         return False
     try:
-        return bool(ppo.load_checkpoint(ck).get("finished"))
+        return bool(load_checkpoint(ck).get("finished"))
     except Exception:  # noqa: BLE001 - an unreadable checkpoint is simply not finished
         return False
 
@@ -146,9 +148,9 @@ def main_compare(argv: list[str] | None = None) -> int:
     try:
         seeds = parse_int_list(opts.seeds)
         methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
-        bad = [m for m in methods if m not in ppo.filtering.METHODS]
+        bad = [m for m in methods if m not in filtering.METHODS]
         if bad or not methods:
-            raise ValueError(f"--methods: unknown {bad}; choose from {', '.join(ppo.filtering.METHODS)}")
+            raise ValueError(f"--methods: unknown {bad}; choose from {', '.join(filtering.METHODS)}")
         if opts.jobs < 1:
             raise ValueError(f"--jobs must be >= 1, got {opts.jobs}")
         forbidden = [a for a in rest if a.split("=")[0] in ("--method", "--seed", "--run-dir", "--env-id")]
@@ -158,7 +160,7 @@ def main_compare(argv: list[str] | None = None) -> int:
         tp = train_parser("fastattr compare (train flags)")
         given = vars(tp.parse_args(rest + ["--env-id", opts.env_id]))
         checked = build_args({**given, "method": methods[0], "run_dir": os.path.join(opts.out, "_check")})
-        ppo.validate_args(checked)
+        validate_args(checked)
         if {"random", "iif-all-neg"} <= set(methods) and checked.p < 1:
             print(f"compare: note: `random` drops as many records as `iif` at --p {checked.p}, not as `iif-all-neg`; "
                   "for a same-size control of iif-all-neg run it with --p 1", file=sys.stderr)
@@ -211,8 +213,8 @@ def runs_with_other_settings(runs: dict[tuple[str, int], Path], given: dict) -> 
     other = []
     for (m, s), d in runs.items():
         if (d / "args.json").exists():
-            now = ppo.semantic_args(build_args({**given, "method": m, "seed": s, "run_dir": str(d)}))
-            diff = ppo.args_differences(ppo.recorded_args(d), now)
+            now = semantic_args(build_args({**given, "method": m, "seed": s, "run_dir": str(d)}))
+            diff = args_differences(recorded_args(d), now)
             if diff:
                 other.append(f"{d} ({diff})")
     return other

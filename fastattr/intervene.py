@@ -54,13 +54,14 @@ def make_eval_envs(args, episodes: int):
 
 def retrain_and_evaluate(run, args, k: int, buf, keep: torch.Tensor, seed: int, eval_envs, episodes: int) -> dict:
     """Loads θ(k), runs the run's PPO update on the kept records of B(k) (minibatch order from `seed`), evaluates."""
-    from . import ppo
+    from .rl.rollout import evaluate
+    from .rl.update import ppo_update
     agent, optimizer = runinfo.load_theta(run, k, args)
     generator = torch.Generator().manual_seed(_seed(seed, k, 0x7E7A))
     t0 = time.perf_counter()
-    upd = ppo.ppo_update(agent, optimizer, buf, keep, args, generator)
+    upd = ppo_update(agent, optimizer, buf, keep, args, generator)
     update_s = time.perf_counter() - t0
-    ev = ppo.evaluate(agent, eval_envs, episodes, seed, 100_000 + k)  # same episodes for every arm of this seed
+    ev = evaluate(agent, eval_envs, episodes, seed, 100_000 + k)  # same episodes for every arm of this seed
     from .validate import return_objective
     return {"return": ev["eval_return"], "return_std": ev["eval_return_std"], "update_seconds": update_s,
             "target": return_objective(agent, buf), "approx_kl": upd["approx_kl"],

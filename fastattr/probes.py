@@ -21,7 +21,25 @@ from typing import Callable
 
 import numpy as np
 
-from . import runinfo
+ACTION_NAMES = {
+    "FrozenLake": ["LEFT", "DOWN", "RIGHT", "UP"],
+    "MiniGrid": ["left", "right", "forward", "pickup", "drop", "toggle", "done"],
+    "Acrobot": ["torque -1", "torque 0", "torque +1"],
+    "CartPole": ["push left", "push right"],
+    "LunarLander": ["noop", "fire left", "fire main", "fire right"],
+    "highway": ["LANE_LEFT", "IDLE", "LANE_RIGHT", "FASTER", "SLOWER"],
+    "merge": ["LANE_LEFT", "IDLE", "LANE_RIGHT", "FASTER", "SLOWER"],
+}
+
+
+def env_family(env_id: str | None) -> str | None:
+    """'FrozenLake-v1' -> 'FrozenLake', 'MiniGrid-Empty-8x8-v0' -> 'MiniGrid', 'highway-fast-v0' -> 'highway'."""
+    if not env_id:
+        return None
+    for fam in ACTION_NAMES:
+        if env_id.lower().startswith(fam.lower()):
+            return fam
+    return env_id.split("-")[0]
 
 
 @dataclass
@@ -41,7 +59,7 @@ class Probe:
         return mask
 
     def check_env(self, env_id: str | None) -> None:
-        fam = runinfo.env_family(env_id)
+        fam = env_family(env_id)
         if self.families and fam is not None and fam not in self.families:
             raise ValueError(f"probe {self.name!r} is for {', '.join(self.families)} runs, but this run is {env_id}; "
                              f"see `fastattr behaviour --list-probes`")

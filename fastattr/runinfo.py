@@ -18,31 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from . import store
+from .probes import ACTION_NAMES, env_family  # noqa: F401  (re-exported for the applications)
 
 ARGS_FILES = ("args.json", "config.json")
 
 # Human-readable action names for the paper's environments (index = action id).
-ACTION_NAMES = {
-    "FrozenLake": ["LEFT", "DOWN", "RIGHT", "UP"],
-    "MiniGrid": ["left", "right", "forward", "pickup", "drop", "toggle", "done"],
-    "Acrobot": ["torque -1", "torque 0", "torque +1"],
-    "CartPole": ["push left", "push right"],
-    "LunarLander": ["noop", "fire left", "fire main", "fire right"],
-    "highway": ["LANE_LEFT", "IDLE", "LANE_RIGHT", "FASTER", "SLOWER"],
-    "merge": ["LANE_LEFT", "IDLE", "LANE_RIGHT", "FASTER", "SLOWER"],
-}
-
-
-def env_family(env_id: str | None) -> str | None:
-    """'FrozenLake-v1' -> 'FrozenLake', 'MiniGrid-Empty-8x8-v0' -> 'MiniGrid', 'highway-fast-v0' -> 'highway'."""
-    if not env_id:
-        return None
-    for fam in ACTION_NAMES:
-        if env_id.lower().startswith(fam.lower()):
-            return fam
-    return env_id.split("-")[0]
-
-
 def action_name(env_id: str | None, a) -> str:
     names = ACTION_NAMES.get(env_family(env_id) or "", [])
     a_arr = np.asarray(a)
@@ -165,28 +145,28 @@ BUFFER_FIELDS = ("obs", "actions", "logp", "values", "rewards", "dones", "adv_ga
 
 
 def ppo_args(run: Run, **overrides):
-    """fastattr.ppo.Args of the run (from args.json), with overrides. Clear error for a run from another version."""
-    from . import ppo
+    """fastattr.Args of the run (from args.json), with overrides. Clear error for a run from another version."""
+    from .rl.config import Args
     if not run.args:
         raise FileNotFoundError(f"{run.path} has no args.json; it was not written by `fastattr train`")
-    fields = set(ppo.Args.__dataclass_fields__)
+    fields = set(Args.__dataclass_fields__)
     unknown = sorted(set(run.args) - fields)
     if unknown:
         raise ValueError(f"{run.path}/args.json has arguments this fastattr does not know ({unknown}); the run was "
                          "written by another fastattr version: re-train it with this one")
-    args = ppo.Args(**{**run.args, **overrides})
+    args = Args(**{**run.args, **overrides})
     args.run_dir = str(run.path)
     args.progress = False
     return args
 
 
 def make_agent(args):
-    """A fresh ppo.Agent for the run's env (spaces from one env instance)."""
+    """A fresh Agent for the run's env (spaces from one env instance)."""
     from . import envs as envs_lib
-    from . import ppo
+    from .rl.agent import Agent
     env = envs_lib.make_env(args.env_id, args.env_kwargs)()
     try:
-        return ppo.Agent(env.observation_space, env.action_space, args.network, args.hidden, args.features_dim)
+        return Agent(env.observation_space, env.action_space, args.network, args.hidden, args.features_dim)
     finally:
         env.close()
 
@@ -195,9 +175,10 @@ def load_theta(run: Run, k: int, args=None):
     """(agent, optimizer) at θ(k), the parameters that collected and scored B(k) (saved with --save-attribution)."""
     import torch
 
-    from . import ppo
+    from .rl.agent import make_optimizer
+    from .rl.rundir import theta_path
     args = args or ppo_args(run)
-    path = ppo.theta_path(run.path, k)
+    path = theta_path(run.path, k)
     if not path.exists():
         have = sorted(int(p.stem.split("_")[-1]) for p in path.parent.glob("theta_*.pt"))
         raise FileNotFoundError(f"θ({k}) was not saved in {run.path} ({path.name} missing; saved: {have[:10]}"
@@ -205,23 +186,23 @@ def load_theta(run: Run, k: int, args=None):
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     agent = make_agent(args)
     agent.load_state_dict(ckpt["agent"])
-    optimizer = ppo.make_optimizer(agent, args)
+    optimizer = make_optimizer(agent, args)
     if "optimizer" in ckpt:
         optimizer.load_state_dict(ckpt["optimizer"])
     return agent, optimizer
 
 
 def load_buffer(run: Run, k: int, continuous: bool = False):
-    """(ppo.Buffer of B(k) with its GAE advantages and value targets, the round's raw arrays)."""
+    """(Buffer of B(k) with its GAE advantages and value targets, the round's raw arrays)."""
     import torch
 
-    from . import ppo
+    from .rl.rollout import Buffer
     data = load_round(run.path, k, required=BUFFER_FIELDS + ("score_return",))
     t = {key: torch.as_tensor(np.asarray(v)) for key, v in data.items()}
     n = len(t["rewards"])
     zeros = torch.zeros(n)
     actions = t["actions"].float() if continuous else t["actions"].long()
-    buf = ppo.Buffer(
+    buf = Buffer(
         obs=t["obs"].float(), actions=actions, logp=t["logp"].float(), values=t["values"].float(),
         rewards=t["rewards"].float(), bootstrap=t.get("bootstrap", zeros).float(), dones=t["dones"].float(),
         terminated=t.get("terminated", t["dones"]).float(), next_value=t.get("next_value", torch.zeros(1)).float(),

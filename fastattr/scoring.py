@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import ghost, ops, reference
-from .ghost import CONV, Call, Layer
+from .ghost import Call, Layer
 from .threads import for_kernels, pinned
 
 REDUCE_OVER_M = ("none", "sum", "mean", "max", "min")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -80,3 +81,43 @@ def return_scores(model: nn.Module, log_prob: Callable[[nn.Module], Tensor], adv
         return torch.cat([ret.reshape(1), torch.as_tensor(extra_targets(m)).reshape(-1)])
 
     return fastattr.score(model, records, targets, params=params, **score_kwargs)
+
+
+def action_scores(model: nn.Module, log_prob: Callable[[nn.Module, Tensor, Tensor], Tensor], obs: Tensor,
+                  actions: Tensor, adv_record: Tensor, target_idx, *, params=None) -> Tensor:
+    """[N]: each record's mean influence on the M action targets f_m = -log pi(a_m|s_m), m in target_idx:
+    (1/M) sum_m <grad l_i, grad f_m> with l_i = -adv_record_i log pi(a_i|s_i). log_prob(model, obs, actions)."""
+    import fastattr
+
+    t_obs, t_act = obs[target_idx], actions[target_idx]
+    return fastattr.score(model, lambda m: surrogate_records(log_prob(m, obs, actions), adv_record),
+                          lambda m: action_targets(log_prob(m, t_obs, t_act)), params=params, reduce="mean")
+
+
+def pick_targets(mask: np.ndarray, n_targets: int) -> np.ndarray:
+    """Up to n_targets record indices where mask is True, evenly spread over the buffer (deterministic)."""
+    match = np.nonzero(mask)[0]
+    return match[np.unique(np.linspace(0, len(match) - 1, min(n_targets, len(match))).round().astype(int))]
+
+
+def probe_scores(agent: nn.Module, obs: Tensor, actions: Tensor, adv_record: Tensor, probe_spec: str, n_targets: int,
+                 env_id: str) -> dict:
+    """What `fastattr train --probe` stores per round: probe_mask [N], probe_targets [M] (record indices) and
+    score_action [N], each record's mean influence on log pi(a_m|s_m) over the probe's records (no score_action when
+    nothing matches). `agent` is fastattr's Agent (log_prob(obs, actions), is_actor_param)."""
+    from .probes import get_probe
+
+    probe = get_probe(probe_spec)
+    probe.check_env(env_id)
+    mask = probe(obs.numpy(), actions.numpy())
+    target_idx = pick_targets(mask, n_targets)
+    out = {"probe_mask": mask, "probe_targets": target_idx}
+    if len(target_idx):
+        out["score_action"] = action_scores(agent, lambda m, o, a: m.log_prob(o, a), obs, actions, adv_record,
+                                            target_idx, params=agent.is_actor_param)
+    return out
+
+
+def return_objective(log_prob: Tensor, adv: Tensor) -> float:
+    """J = (1/N) sum_j A_j log pi(a_j|s_j), the value whose gradient the return target follows (f = -J)."""
+    return float((adv.detach() * log_prob.detach()).mean().double())

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import analysis, runinfo
+from . import analysis, runinfo, targets
 
 MODES = ("sgd-step", "ppo")
 SELECTIONS = ("random", "ranked")
@@ -40,9 +40,9 @@ def _seed(*parts: int) -> int:
 
 
 def return_objective(agent, buf) -> float:
-    """J(θ) = (1/N) Σ_j Â_j log π_θ(a_j|s_j) on the buffer (raw GAE advantages)."""
+    """J(θ) = (1/N) Σ_j Â_j log π_θ(a_j|s_j) on the buffer (raw GAE advantages); see fastattr.targets."""
     with torch.no_grad():
-        return float((buf.advantages * agent.log_prob(buf.obs, buf.actions)).mean().double())
+        return targets.return_objective(agent.log_prob(buf.obs, buf.actions), buf.advantages)
 
 
 def subsets(scores: np.ndarray, size: int, n_subsets: int, seed: int) -> dict[str, list[np.ndarray]]:
@@ -71,16 +71,16 @@ def sgd_step(agent, buf, adv_record: torch.Tensor, keep: torch.Tensor, lr: float
 
 def ppo_updates(agent, optimizer, buf, keep: torch.Tensor, args, orders: list[torch.Tensor]) -> None:
     """The run's PPO update with a fixed minibatch order per epoch (orders[e] restricted to the kept records)."""
-    from . import ppo
+    from .rl.update import ppo_update
     one = dataclasses.replace(args, n_epochs=1)
     gen = torch.Generator().manual_seed(0)  # unused: every epoch's order is given
     for order in orders:
-        ppo.ppo_update(agent, optimizer, buf, keep, one, gen, epoch1_order=order)
+        ppo_update(agent, optimizer, buf, keep, one, gen, epoch1_order=order)
 
 
 def validate_round(run, args, k: int, lrs: list[float], frac: float, n_subsets: int, modes=MODES, seed: int = 0,
                    bar=None) -> dict:
-    from . import ppo
+    from .rl.agent import make_optimizer
     agent0, opt0 = runinfo.load_theta(run, k, args)
     buf, data = runinfo.load_buffer(run, k, continuous=agent0.continuous)
     n = buf.n
@@ -89,7 +89,7 @@ def validate_round(run, args, k: int, lrs: list[float], frac: float, n_subsets: 
     else:
         adv_record = (buf.advantages - buf.advantages.mean()) / (buf.advantages.std() + 1e-8)
     # The scores the prediction uses, recomputed at θ(k) for exactly this record loss; the saved ones must agree.
-    scores = ppo.score_buffer(agent0, buf.obs, buf.actions, adv_record, buf.advantages).double().numpy()
+    scores = agent0.return_scores(buf.obs, buf.actions, adv_record, buf.advantages).double().numpy()
     saved = np.asarray(data["score_return"], dtype=np.float64)
     reproduction = float(np.abs(scores - saved).max() / max(np.abs(saved).max(), 1e-30))
     sets = subsets(scores, max(1, int(round(frac * n))), n_subsets, _seed(seed, k))
@@ -103,7 +103,7 @@ def validate_round(run, args, k: int, lrs: list[float], frac: float, n_subsets: 
         if mode == "sgd-step":
             sgd_step(agent0, buf, adv_record, keep, lr)
         else:
-            opt = ppo.make_optimizer(agent0, dataclasses.replace(args, learning_rate=lr))
+            opt = make_optimizer(agent0, dataclasses.replace(args, learning_rate=lr))
             opt.load_state_dict(copy.deepcopy(opt_state0))  # load_state_dict keeps references: Adam would carry
             # its moments and step count from one retrain to the next
             for group in opt.param_groups:

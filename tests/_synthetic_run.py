@@ -83,6 +83,7 @@ def add_application_outputs(path) -> None:
 
 def train_tiny(path, env_id: str = "FrozenLake-v1", rounds: int = 3, n_steps: int = 128, **overrides) -> Path:
     """A real (tiny) fastattr.ppo run with --save-attribution: `rounds` rounds of n_steps records, 2 epochs."""
+    from fastattr.rl.config import Args
     from fastattr import ppo
     kwargs = dict(env_id=env_id, total_timesteps=rounds * n_steps, n_steps=n_steps, batch_size=32, n_epochs=2,
                   optimizer="sgd", learning_rate=5e-2, eval_episodes=8, save_attribution=True, run_dir=str(path),
@@ -90,5 +91,5 @@ def train_tiny(path, env_id: str = "FrozenLake-v1", rounds: int = 3, n_steps: in
     if env_id.startswith("FrozenLake"):
         kwargs["env_kwargs"] = {"map_name": "4x4", "is_slippery": False}
     kwargs.update(overrides)
-    ppo.main(ppo.Args(**kwargs))
+    ppo.main(Args(**kwargs))
     return Path(path)

@@ -8,6 +8,7 @@ import torch
 
 from _synthetic_run import train_tiny
 from fastattr import behaviour, intervene, runinfo, validate
+from fastattr import targets as fa_targets
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +119,8 @@ def test_action_influence_equals_brute_force(run):
     buf, data = runinfo.load_buffer(r, 1)
     adv = torch.as_tensor(data["adv_norm"])
     targets = np.array([3, 10, 50])
-    fast = behaviour.action_influence(agent, buf, adv, targets)
+    fast = fa_targets.action_scores(agent, lambda m, o, a: m.log_prob(o, a), buf.obs, buf.actions, adv, targets,
+                                    params=agent.is_actor_param)
     params = [p for n, p in agent.named_parameters() if agent.is_actor_param(n)]
     g_t = torch.autograd.grad(-agent.log_prob(buf.obs[targets], buf.actions[targets]).mean(), params)
     for i in (0, 7, 100):
@@ -166,7 +168,8 @@ def test_train_probe_stores_action_scores_equal_to_behaviour_recomputation(tmp_p
         r = runinfo.load_run(run)
         agent, _ = runinfo.load_theta(r, k, runinfo.ppo_args(r))
         buf, saved = runinfo.load_buffer(r, k, continuous=agent.continuous)
-        again = behaviour.action_influence(agent, buf, torch.as_tensor(saved["adv_norm"]), targets)
+        again = fa_targets.action_scores(agent, lambda m, o, a: m.log_prob(o, a), buf.obs, buf.actions,
+                                         torch.as_tensor(saved["adv_norm"]), targets, params=agent.is_actor_param)
         np.testing.assert_allclose(data["score_action"], again.numpy(), rtol=1e-4, atol=1e-6)
 
 

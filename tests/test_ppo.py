@@ -10,17 +10,24 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from fastattr import envs, ppo, store, targets
+from fastattr.rl import rollout, rundir
+from fastattr.rl.agent import Agent, make_optimizer
+from fastattr.rl.config import Args, train_env_seeds
+from fastattr.rl.rollout import Buffer, compute_gae, discounted_returns
+from fastattr.rl.rundir import LOCK_FILE, RunDirError, checkpoint_path, load_checkpoint, save_checkpoint, theta_path
+from fastattr.targets import normalize_advantages
+from fastattr.rl.update import ppo_update
 
 TIMING = {"rollout_seconds", "attr_seconds", "update_seconds", "train_seconds", "eval_seconds", "io_seconds",
           "wall_seconds", "time", "sps"}
 
 
-def tiny(tmp_path, name="run", **kw) -> ppo.Args:
+def tiny(tmp_path, name="run", **kw) -> Args:
     base = dict(env_id="CartPole-v1", method="iif", seed=1, n_steps=128, batch_size=32, n_epochs=2,
                 total_timesteps=384, optimizer="sgd", learning_rate=5e-3, eval_episodes=3, progress=False,
                 run_dir=str(tmp_path / name))
     base.update(kw)
-    return ppo.Args(**base)
+    return Args(**base)
 
 
 def rows(run_dir):
@@ -29,7 +36,7 @@ def rows(run_dir):
 
 
 def weights(run_dir):
-    return ppo.load_checkpoint(ppo.checkpoint_path(run_dir))["agent"]
+    return load_checkpoint(checkpoint_path(run_dir))["agent"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -60,7 +67,7 @@ def random_records(obs_space, act_space, agent, n, g):
 def test_score_buffer_matches_vmap_grad(kind):
     torch.manual_seed(0)
     obs_space, act_space = SPACES[kind]
-    agent = ppo.Agent(obs_space, act_space)
+    agent = Agent(obs_space, act_space)
     with torch.no_grad():  # move the Gaussian log-std and the tiny output layer off their init values
         for name, p in agent.named_parameters():
             if name == "actor_logstd" or name.startswith("actor.4"):
@@ -69,11 +76,11 @@ def test_score_buffer_matches_vmap_grad(kind):
     n = 67
     obs, act = random_records(obs_space, act_space, agent, n, g)
     adv_raw = torch.randn(n, generator=g) * 3 + 0.5
-    adv_rec = ppo.normalize_advantages(adv_raw, torch.randperm(n, generator=g), 16)
-    scores = ppo.score_buffer(agent, obs, act, adv_rec, adv_raw)
+    adv_rec = normalize_advantages(adv_raw, torch.randperm(n, generator=g), 16)
+    scores = agent.return_scores(obs, act, adv_rec, adv_raw)
 
     params = {k: v.detach() for k, v in agent.named_parameters()}
-    actor = {k: v for k, v in params.items() if ppo.Agent.is_actor_param(k)}
+    actor = {k: v for k, v in params.items() if Agent.is_actor_param(k)}
     assert any(k.startswith("critic") for k in params) and not any(k.startswith("critic") for k in actor)
 
     def logp(pa, o, a):
@@ -90,18 +97,18 @@ def test_score_buffer_matches_vmap_grad(kind):
 
 
 def test_score_buffer_extra_targets_hook():
-    agent = ppo.Agent(gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(3))
+    agent = Agent(gym.spaces.Box(-1, 1, (4,), np.float32), gym.spaces.Discrete(3))
     g = torch.Generator().manual_seed(0)
     obs, act = torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)
     adv = torch.randn(40, generator=g)
     probe_obs, probe_act = torch.randn(2, 4, generator=g), torch.tensor([0, 2])
-    base = ppo.score_buffer(agent, obs, act, adv, adv)
-    both = ppo.score_buffer(agent, obs, act, adv, adv, extra_targets=lambda m: -m.log_prob(probe_obs, probe_act))
+    base = agent.return_scores(obs, act, adv, adv)
+    both = agent.return_scores(obs, act, adv, adv, extra_targets=lambda m: -m.log_prob(probe_obs, probe_act))
     assert both.shape == (40, 3)
     torch.testing.assert_close(both[:, 0], base, rtol=1e-5, atol=1e-7)
     # the probe columns against per-sample gradients: <grad l_i, grad(-log pi(a_m | s_m))> over the actor
     params = {k: v.detach() for k, v in agent.named_parameters()}
-    actor = {k: v for k, v in params.items() if ppo.Agent.is_actor_param(k)}
+    actor = {k: v for k, v in params.items() if Agent.is_actor_param(k)}
 
     def logp(pa, o, a):
         return functional_call(agent, {**params, **pa}, (o.unsqueeze(0), a.unsqueeze(0))).squeeze(0)
@@ -113,7 +120,7 @@ def test_score_buffer_extra_targets_hook():
     expected = (-adv.double()[:, None] * flat(obs, act)) @ (-flat(probe_obs, probe_act)).T
     err = (both[:, 1:].double() - expected).abs().max() / expected.abs().max()
     assert err < 1e-5, err
-    one = ppo.score_buffer(agent, obs, act, adv, probe_act.new_zeros(40).float(),
+    one = agent.return_scores(obs, act, adv, probe_act.new_zeros(40).float(),
                            extra_targets=lambda m: -m.log_prob(probe_obs[1:], probe_act[1:]))
     torch.testing.assert_close(one[:, 1], both[:, 2], rtol=1e-5, atol=1e-7)
 
@@ -122,14 +129,14 @@ def test_score_is_the_first_minibatch_step_of_the_update():
     """<grad of epoch 1's first minibatch loss at theta(k), grad f> = mean of that minibatch's scores: the record loss
     uses the update's own advantage normalisation and order (ratio = 1, so clipping is inactive)."""
     torch.manual_seed(0)
-    agent = ppo.Agent(gym.spaces.Box(-1, 1, (6,), np.float32), gym.spaces.Discrete(3))
+    agent = Agent(gym.spaces.Box(-1, 1, (6,), np.float32), gym.spaces.Discrete(3))
     g = torch.Generator().manual_seed(2)
     n, bs = 200, 64
     obs, act = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
     adv = torch.randn(n, generator=g) * 2
     order = torch.randperm(n, generator=g)
-    scores = ppo.score_buffer(agent, obs, act, ppo.normalize_advantages(adv, order, bs), adv)
-    actor = [p for k, p in agent.named_parameters() if ppo.Agent.is_actor_param(k)]
+    scores = agent.return_scores(obs, act, normalize_advantages(adv, order, bs), adv)
+    actor = [p for k, p in agent.named_parameters() if Agent.is_actor_param(k)]
     gf = torch.autograd.grad(-(adv * agent.log_prob(obs, act)).mean(), actor)
     for mb in order.split(bs):
         a = (adv[mb] - adv[mb].mean()) / (adv[mb].std() + 1e-8)   # as ppo_update does
@@ -144,14 +151,14 @@ def test_score_is_the_first_minibatch_step_of_the_update():
 def test_normalize_advantages_modes():
     adv = torch.tensor([1.0, 2.0, 3.0, 10.0, -4.0])
     order = torch.tensor([4, 0, 2, 1, 3])
-    out = ppo.normalize_advantages(adv, order, 2)
+    out = normalize_advantages(adv, order, 2)
     for chunk in ([4, 0], [2, 1]):
         a = adv[chunk]
         torch.testing.assert_close(out[chunk], (a - a.mean()) / (a.std() + 1e-8))
     assert out[3] == adv[3]  # a chunk of one record stays raw (SB3 skips normalising it)
-    torch.testing.assert_close(ppo.normalize_advantages(adv, order, 2, "buffer"),
+    torch.testing.assert_close(normalize_advantages(adv, order, 2, "buffer"),
                                (adv - adv.mean()) / (adv.std() + 1e-8))
-    torch.testing.assert_close(ppo.normalize_advantages(adv, order, 2, "none"), adv)
+    torch.testing.assert_close(normalize_advantages(adv, order, 2, "none"), adv)
 
 
 @pytest.mark.parametrize("kind,ent_coef,clip_grad", [("onehot-mlp", 0.0, False), ("gaussian-mlp", 0.01, True),
@@ -162,7 +169,7 @@ def test_numpy_sgd_step_matches_torch_autograd(kind, ent_coef, clip_grad):
 
     torch.manual_seed(0)
     obs_space, act_space = SPACES.get(kind, (gym.spaces.Box(-1, 1, (8,), np.float32), gym.spaces.Discrete(4)))
-    agent = ppo.Agent(obs_space, act_space)
+    agent = Agent(obs_space, act_space)
     g = torch.Generator().manual_seed(3)
     n = 300
     obs, act = random_records(obs_space, act_space, agent, n, g)
@@ -174,10 +181,10 @@ def test_numpy_sgd_step_matches_torch_autograd(kind, ent_coef, clip_grad):
     out = {}
     for backend in ("torch", "numpy"):
         a = copy.deepcopy(agent)
-        args = ppo.Args(optimizer="sgd", learning_rate=0.05, n_epochs=3, batch_size=64, ent_coef=ent_coef,
+        args = Args(optimizer="sgd", learning_rate=0.05, n_epochs=3, batch_size=64, ent_coef=ent_coef,
                         clip_grad=clip_grad, max_grad_norm=0.3, update_backend=backend)
         keep = torch.arange(n) % 7 != 0  # a filtered buffer, with a partial last minibatch
-        stats = ppo.ppo_update(a, ppo.make_optimizer(a, args), buf, keep, args, torch.Generator().manual_seed(0),
+        stats = ppo_update(a, make_optimizer(a, args), buf, keep, args, torch.Generator().manual_seed(0),
                                epoch1_order=torch.randperm(n, generator=torch.Generator().manual_seed(1)))
         out[backend] = (a.state_dict(), stats)
     (wt, st), (wn, sn) = out["torch"], out["numpy"]
@@ -195,7 +202,7 @@ def test_numpy_sgd_step_matches_torch_autograd(kind, ent_coef, clip_grad):
 def make_buffer(rewards, values, dones, bootstrap, next_value, num_envs=1):
     t = lambda x: torch.tensor(x, dtype=torch.float32).reshape(-1)  # noqa: E731
     n = len(t(rewards))
-    return ppo.Buffer(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long), torch.zeros(n), t(values), t(rewards),
+    return Buffer(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long), torch.zeros(n), t(values), t(rewards),
                       t(bootstrap), t(dones), t(dones), t(next_value), num_envs=num_envs)
 
 
@@ -222,7 +229,7 @@ def test_gae_matches_sb3_recursion():
     d = (rng.random((T, E)) < 0.1).astype(np.float32)
     boot = np.where(rng.random((T, E)) < 0.5, 0.0, rng.normal(size=(T, E))).astype(np.float32) * d
     nv = rng.normal(size=E).astype(np.float32)
-    buf = ppo.compute_gae(make_buffer(r, v, d, boot, nv, E), 0.99, 0.95)
+    buf = compute_gae(make_buffer(r, v, d, boot, nv, E), 0.99, 0.95)
     starts = np.concatenate([np.zeros((1, E)), d[:-1]])  # SB3: episode_starts[t+1] = done[t]
     expected = sb3_gae(r + boot, v, starts, nv, d[-1], 0.99, 0.95)
     np.testing.assert_allclose(buf.advantages.numpy().reshape(T, E), expected, rtol=1e-5, atol=1e-5)
@@ -232,7 +239,7 @@ def test_gae_matches_sb3_recursion():
 def test_discounted_returns_by_hand():
     # gamma 0.5; episode ends at t=1 (terminated); t=3 is cut by a time limit with V(final) = 6 -> bootstrap 3
     buf = make_buffer([1, 2, 3, 4, 5], [0] * 5, [0, 1, 0, 1, 0], [0, 0, 0, 3, 0], [8])
-    g = ppo.discounted_returns(buf, 0.5)
+    g = discounted_returns(buf, 0.5)
     # G4 = 5 + .5*8 = 9; G3 = 4 + 3 = 7 (cut); G2 = 3 + .5*7 = 6.5; G1 = 2 (end); G0 = 1 + .5*2 = 2
     assert g.tolist() == [2.0, 2.0, 6.5, 7.0, 9.0]
 
@@ -254,7 +261,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, method, kill, env_id, st
     straight = ppo.main(run_args(tmp_path, "straight", method=method))
     assert straight["round"] == 3
 
-    real = ppo.save_checkpoint
+    real = save_checkpoint
 
     def killed(path, **kw):
         if kw["round_"] == 2 and kill == "before_checkpoint":
@@ -263,11 +270,11 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, method, kill, env_id, st
         if kw["round_"] == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(ppo, "save_checkpoint", killed)
+    monkeypatch.setattr(rundir, "save_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
         ppo.main(run_args(tmp_path, "resumed", method=method))
-    monkeypatch.setattr(ppo, "save_checkpoint", real)
-    with pytest.raises(ppo.RunDirError, match="--resume"):
+    monkeypatch.setattr(rundir, "save_checkpoint", real)
+    with pytest.raises(RunDirError, match="--resume"):
         ppo.main(run_args(tmp_path, "resumed", method=method))
     ppo.main(run_args(tmp_path, "resumed", method=method, resume=True))
 
@@ -320,10 +327,10 @@ def test_save_attribution_round_trip(tmp_path):
         assert d[key].shape[0] == n, key
     assert set(np.unique(d["obs"])) <= set(range(16)) and d["keep"].all()
     # the saved scores are reproducible from the saved theta(1) and the saved buffer
-    theta = torch.load(ppo.theta_path(args.run_dir, 1), weights_only=True)
-    agent = ppo.Agent(gym.spaces.Discrete(16), gym.spaces.Discrete(4))
+    theta = torch.load(theta_path(args.run_dir, 1), weights_only=True)
+    agent = Agent(gym.spaces.Discrete(16), gym.spaces.Discrete(4))
     agent.load_state_dict(theta["agent"])
-    s = ppo.score_buffer(agent, torch.from_numpy(d["obs"]), torch.from_numpy(d["actions"]),
+    s = agent.return_scores(torch.from_numpy(d["obs"]), torch.from_numpy(d["actions"]),
                          torch.from_numpy(d["adv_norm"]), torch.from_numpy(d["adv_gae"]))
     torch.testing.assert_close(s, torch.from_numpy(d["score_return"]), rtol=1e-5, atol=1e-8)
     # returns_mc: the discounted return-to-go recomputed from the saved rewards, cuts and bootstraps
@@ -420,7 +427,7 @@ def test_nan_reward_stops_with_the_last_good_round_kept(tmp_path):
     with pytest.raises(ValueError, match="non-finite reward"):
         ppo.main(args)
     assert [r["round"] for r in rows(args.run_dir)] == [0, 1]
-    assert ppo.load_checkpoint(ppo.checkpoint_path(args.run_dir))["round"] == 1
+    assert load_checkpoint(checkpoint_path(args.run_dir))["round"] == 1
 
 
 def test_nan_reward_in_evaluation_is_an_error_not_a_nan_return(tmp_path):
@@ -435,7 +442,7 @@ def test_channel_first_images_run_with_the_mlp(tmp_path):
 
 
 def test_evaluation_of_an_env_that_never_ends_stops_with_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr(ppo, "EVAL_EPISODE_CAP", 500)
+    monkeypatch.setattr(rollout, "EVAL_EPISODE_CAP", 500)
     with pytest.raises(ValueError, match="without ending.*max_episode_steps"):
         ppo.main(tiny(tmp_path, env_id="FastattrTest/Endless-v0", n_steps=32, total_timesteps=64, eval_episodes=1))
     # that run never finished a round, so the same dir takes the fixed arguments
@@ -462,20 +469,20 @@ def test_env_id_with_a_module_prefix(tmp_path, monkeypatch):
 def test_runs_with_neighbouring_seeds_share_no_training_env():
     """One env: the run's seed (the paper's runs). Several: seeds derived per env, so seed 0's env 1 is not seed 1's
     env 0 (a plain vector-env seed gives env i seed + i)."""
-    assert ppo.train_env_seeds(ppo.Args(seed=3)) == 3
-    a, b = (ppo.train_env_seeds(ppo.Args(seed=s, num_envs=4)) for s in (0, 1))
-    assert len(set(a) | set(b)) == 8 and a == ppo.train_env_seeds(ppo.Args(seed=0, num_envs=4))
+    assert train_env_seeds(Args(seed=3)) == 3
+    a, b = (train_env_seeds(Args(seed=s, num_envs=4)) for s in (0, 1))
+    assert len(set(a) | set(b)) == 8 and a == train_env_seeds(Args(seed=0, num_envs=4))
 
 
 def test_run_dir_holding_another_run_is_never_touched(tmp_path):
     ppo.main(tiny(tmp_path, total_timesteps=128, n_steps=128))
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").glob("*.json*")}
-    with pytest.raises(ppo.RunDirError, match="holds another run.*seed: 1 there vs 2 now"):
+    with pytest.raises(RunDirError, match="holds another run.*seed: 1 there vs 2 now"):
         ppo.main(tiny(tmp_path, total_timesteps=128, n_steps=128, seed=2, resume=True))
     assert before == {p.name: p.read_bytes() for p in (tmp_path / "run").glob("*.json*")}
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(ppo.RunDirError, match="not empty"):
+    with pytest.raises(RunDirError, match="not empty"):
         ppo.main(tiny(tmp_path, "other"))
 
 
@@ -483,19 +490,19 @@ def test_run_dir_in_use_by_another_process_is_never_touched(tmp_path):
     args = tiny(tmp_path, total_timesteps=256)
     ppo.main(args)
     def files():
-        return {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ppo.LOCK_FILE}
+        return {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != LOCK_FILE}
 
     before = files()
-    with open(tmp_path / "run" / ppo.LOCK_FILE, "a+") as held:  # what a still-running `fastattr train` holds
+    with open(tmp_path / "run" / LOCK_FILE, "a+") as held:  # what a still-running `fastattr train` holds
         fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         held.truncate(0)
         held.write("4242\n")
         held.flush()
-        with pytest.raises(ppo.RunDirError, match=r"in use by another fastattr process \(pid 4242\)"):
+        with pytest.raises(RunDirError, match=r"in use by another fastattr process \(pid 4242\)"):
             ppo.main(tiny(tmp_path, total_timesteps=256, resume=True))
     assert files() == before
     # main drops its lock when it returns or fails: the same process can go on with the run dir
-    with pytest.raises(ppo.RunDirError, match="holds another run"):
+    with pytest.raises(RunDirError, match="holds another run"):
         ppo.main(tiny(tmp_path, total_timesteps=256, seed=2, resume=True))
     assert ppo.main(tiny(tmp_path, total_timesteps=256, resume=True))["already_finished"]
 
@@ -527,5 +534,5 @@ def test_run_from_before_an_option_existed_resumes_with_its_default(tmp_path):
     del stored["env_stream"]  # as written before --env-stream existed
     (tmp_path / "run" / "args.json").write_text(json.dumps(stored))
     assert ppo.main(tiny(tmp_path, total_timesteps=256, resume=True))["already_finished"]
-    with pytest.raises(ppo.RunDirError, match="env_stream: 'continue' there vs 'reseed' now"):
+    with pytest.raises(RunDirError, match="env_stream: 'continue' there vs 'reseed' now"):
         ppo.main(tiny(tmp_path, total_timesteps=256, resume=True, env_stream="reseed"))

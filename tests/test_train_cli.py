@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from fastattr import experiments, ppo, runinfo
+from fastattr.rl.config import Args
 
 TINY = ["--n-steps", "64", "--batch-size", "32", "--n-epochs", "2", "--eval-episodes", "2"]
 
@@ -62,7 +63,7 @@ def test_build_args_precedence():
     assert (b.optimizer, b.learning_rate, b.p) == ("adam", 3e-4, 0.0625)
     c = experiments.build_args({"env_id": "FrozenLake-v1", "preset": "paper"})
     assert c.env_kwargs == {"map_name": "4x4", "is_slippery": False} and c.eval_episodes == 1000
-    assert experiments.build_args({"env_id": "Acrobot-v1"}).optimizer == ppo.Args().optimizer
+    assert experiments.build_args({"env_id": "Acrobot-v1"}).optimizer == Args().optimizer
     assert experiments.parse_int_list("0-2,5") == [0, 1, 2, 5]
     assert runinfo.parse_seeds("0,0,1") == [0, 1] and runinfo.parse_rounds("all", [2, 5]) == [2, 5]
     with pytest.raises(ValueError, match="--round"):  # a reversed range was an empty list (and exit 0)
@@ -86,7 +87,7 @@ def test_compare_runs_aggregates_and_resumes(tmp_path):
 def test_compare_skips_finished_runs_and_rejects_bad_methods(tmp_path, capsys):
     out = tmp_path / "cmp"
     for m in ("ppo", "iif"):
-        ppo.main(ppo.Args(env_id="CartPole-v1", method=m, seed=0, n_steps=64, batch_size=32, n_epochs=1,
+        ppo.main(Args(env_id="CartPole-v1", method=m, seed=0, n_steps=64, batch_size=32, n_epochs=1,
                           total_timesteps=128, eval_episodes=2, progress=False, run_dir=str(out / "runs" / f"{m}_s0")))
     argv = ["--env-id", "CartPole-v1", "--seeds", "0", "--methods", "ppo,iif", "--out", str(out), "--n-steps", "64",
             "--batch-size", "32", "--n-epochs", "1", "--total-timesteps", "128", "--eval-episodes", "2"]
@@ -104,7 +105,7 @@ def test_compare_skips_finished_runs_and_rejects_bad_methods(tmp_path, capsys):
     assert experiments.main_compare(argv + ["--learning-rate", "0.05", "--seeds", "0-1"]) == 2
     err = capsys.readouterr().err
     assert "other settings" in err and "ppo_s0" in err
-    assert f"learning_rate: {ppo.Args().learning_rate!r} there vs 0.05 now" in err
+    assert f"learning_rate: {Args().learning_rate!r} there vs 0.05 now" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not (out / "runs" / "ppo_s1").exists()
 
