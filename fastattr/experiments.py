@@ -1,18 +1,16 @@
 """`fastattr train` (one run) and `fastattr compare` (methods x seeds in parallel processes, then plots and the
-paper's metrics). Flags come from `Args` (field docstrings are the --help text); `--preset paper` applies the
-paper's settings for the env (fastattr/envs.py) under any flag given explicitly."""
+paper's metrics). Flags come from the Args dataclass through tyro (field docstrings are the --help text); `--preset
+paper` applies the paper's settings for the env (fastattr/envs.py) under any flag given explicitly."""
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
 from pathlib import Path
 
 from . import filtering, ppo
@@ -22,82 +20,46 @@ from .rl.rundir import args_differences, checkpoint_path, load_checkpoint, recor
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Args <-> argparse
+# Args <-> the command line (tyro builds the flags from the Args dataclass and its field docstrings)
 # ----------------------------------------------------------------------------------------------------------------------
-def _field_docs(cls) -> dict[str, str]:
-    """CleanRL/tyro-style docstrings: the string literal right after each annotated field."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    docs = {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None),
-                                                                                   ast.Constant):
-            docs[a.target.id] = str(b.value.value)
-    return docs
+TRAIN_DESCRIPTION = ("Train PPO / IIF on one env and seed with per-round attribution. Writes <run-dir>/args.json, "
+                     "metrics.jsonl (one line per round), checkpoints/ and, with --save-attribution, attribution/. "
+                     "--preset paper applies the paper's settings for --env-id; flags given explicitly win.")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_args_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per Args field; defaults are SUPPRESSed so we can tell which flags were given."""
-    docs = _field_docs(Args)
-    for f in fields(Args):
-        if f.name in skip:
-            continue
-        default = Args().__getattribute__(f.name)
-        help_ = f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%")
-        if isinstance(default, bool):
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=help_)
-        elif isinstance(default, dict):
-            parser.add_argument(_flag(f.name), type=_json_object(f.name), default=argparse.SUPPRESS, metavar="JSON",
-                                help=help_)
-        else:
-            parser.add_argument(_flag(f.name), type=type(default), default=argparse.SUPPRESS, help=help_)
-
-
-def _json_object(name):
-    def parse(text: str) -> dict:
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise argparse.ArgumentTypeError(f"{_flag(name)}: not valid JSON ({e}): {text!r}") from None
-        if not isinstance(value, dict):
-            raise argparse.ArgumentTypeError(f"{_flag(name)} must be a JSON object like '{{\"k\": 1}}', got {text!r}")
-        return value
-
-    return parse
+def preset_defaults(env_id: str | None, preset: str | None) -> Args:
+    """Args defaults, with the paper preset applied for env_id when preset == 'paper'."""
+    if preset == "paper":
+        if not env_id:
+            raise ValueError("--preset paper needs --env-id")
+        return Args(**paper_overrides(env_id))
+    return Args()
 
 
 def build_args(given: dict) -> Args:
-    """Args defaults < the paper preset (if given['preset'] == 'paper') < the flags given."""
-    values = {}
-    if given.get("preset") == "paper":
-        if "env_id" not in given:
-            raise ValueError("--preset paper needs --env-id")
-        values.update(paper_overrides(given["env_id"]))
-    elif given.get("preset") not in (None, ""):
+    """Args defaults < the paper preset (if given['preset'] == 'paper') < the values given."""
+    if given.get("preset") not in (None, "", "paper"):
         raise ValueError(f"--preset must be 'paper', got {given['preset']!r}")
-    values.update(given)
-    return Args(**values)
+    return dataclasses.replace(preset_defaults(given.get("env_id"), given.get("preset")), **given)
 
 
-def train_parser(prog: str = "fastattr train") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
-        description="Train PPO / IIF on one env and seed with per-round attribution. Writes <run-dir>/args.json, "
-                    "metrics.jsonl (one line per round), checkpoints/ and, with --save-attribution, attribution/.")
-    add_args_flags(p)
-    return p
+def parse_train_args(argv: list[str], prog: str = "fastattr train") -> Args:
+    """The Args of a `fastattr train` command line: defaults < --preset paper < the flags given (tyro prints usage
+    errors and exits 2)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--env-id")
+    pre.add_argument("--preset", default="")
+    known, _ = pre.parse_known_args(argv)
+    default = preset_defaults(known.env_id, known.preset if known.preset == "paper" else "")
+    import tyro
+
+    return tyro.cli(Args, args=argv, default=default, prog=prog, description=TRAIN_DESCRIPTION)
 
 
 def main_train(argv: list[str] | None = None) -> int:
-    p = train_parser()
-    given = vars(p.parse_args(argv))
+    argv = sys.argv[2:] if argv is None else list(argv)
     try:
-        args = build_args(given)
+        args = parse_train_args(argv)
         out = ppo.main(args)
     except (ValueError, FloatingPointError) as e:  # RunDirError is a ValueError
         print(f"fastattr train: error: {e}", file=sys.stderr)
@@ -157,9 +119,8 @@ def main_compare(argv: list[str] | None = None) -> int:
         if forbidden:
             raise ValueError(f"{forbidden} are set by compare itself (use --methods, --seeds, --out)")
         # validate the pass-through flags once, before launching anything
-        tp = train_parser("fastattr compare (train flags)")
-        given = vars(tp.parse_args(rest + ["--env-id", opts.env_id]))
-        checked = build_args({**given, "method": methods[0], "run_dir": os.path.join(opts.out, "_check")})
+        checked = parse_train_args(rest + ["--env-id", opts.env_id, "--method", methods[0], "--run-dir",
+                                           os.path.join(opts.out, "_check")], prog="fastattr compare (train flags)")
         validate_args(checked)
         if {"random", "iif-all-neg"} <= set(methods) and checked.p < 1:
             print(f"compare: note: `random` drops as many records as `iif` at --p {checked.p}, not as `iif-all-neg`; "
@@ -167,7 +128,7 @@ def main_compare(argv: list[str] | None = None) -> int:
         out = Path(opts.out)
         # seed-major order: with --jobs 1 the paired comparisons (ppo vs iif of one seed) complete early
         runs = {(m, s): out / "runs" / f"{m}_s{s}" for s in seeds for m in methods}
-        other = [] if opts.aggregate_only else runs_with_other_settings(runs, given)
+        other = [] if opts.aggregate_only else runs_with_other_settings(runs, checked)
         if other:
             raise ValueError(f"--out {out} holds runs trained with other settings: {'; '.join(other)}. Pass the flags "
                              "they were run with, or choose another --out. Nothing was run.")
@@ -207,13 +168,14 @@ def main_compare(argv: list[str] | None = None) -> int:
     return 1 if failed or (opts.aggregate_only and not paths) else 0
 
 
-def runs_with_other_settings(runs: dict[tuple[str, int], Path], given: dict) -> list[str]:
-    """Existing runs whose args.json differs from what compare would pass them, as 'dir (differences)'. A finished
-    run is skipped rather than resumed, so `train` never gets to check it."""
+def runs_with_other_settings(runs: dict[tuple[str, int], Path], args: Args) -> list[str]:
+    """Existing runs whose args.json differs from what compare would pass them (args with each run's method, seed
+    and run dir), as 'dir (differences)'. A finished run is skipped rather than resumed, so `train` never gets to
+    check it."""
     other = []
     for (m, s), d in runs.items():
         if (d / "args.json").exists():
-            now = semantic_args(build_args({**given, "method": m, "seed": s, "run_dir": str(d)}))
+            now = semantic_args(dataclasses.replace(args, method=m, seed=s, run_dir=str(d)))
             diff = args_differences(recorded_args(d), now)
             if diff:
                 other.append(f"{d} ({diff})")

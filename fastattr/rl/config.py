@@ -2,13 +2,33 @@
 and the seeds every random stream derives from."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
+from tyro.constructors import PrimitiveConstructorSpec
 
 from .. import envs as envs_lib
 from .. import filtering
+
+
+def _json_object(strings: list[str]) -> dict:
+    text = strings[0]
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object like '{{\"k\": 1}}', got {text!r}")
+    return value
+
+
+# A dict given on the command line as one JSON object (tyro's default would be key-value pairs)
+JsonObject = Annotated[dict, PrimitiveConstructorSpec(
+    nargs=1, metavar="JSON", instance_from_str=_json_object, is_instance=lambda x: isinstance(x, dict),
+    str_from_instance=lambda d: [json.dumps(d)])]
 
 
 @dataclass
@@ -25,7 +45,7 @@ class Args:
     """output directory (args.json, metrics.jsonl, checkpoints/, attribution/); default runs/<env>__<method>__<seed>"""
     preset: str = ""
     """'' (generic defaults) or 'paper' (the paper's settings for this env; set by `fastattr train --preset paper`)"""
-    env_kwargs: dict = field(default_factory=dict)
+    env_kwargs: JsonObject = field(default_factory=dict)
     """keyword arguments of gym.make, as JSON on the command line (e.g. '{"is_slippery": false}')"""
     p: float = 0.5
     """fraction of the negative-influence records IIF drops, in (0, 1] (random drops as many records)"""
