@@ -23,12 +23,9 @@ import numpy as np
 import torch
 
 from . import analysis, runinfo
+from .rl.config import derived_seed
 
 ARMS = ("unfiltered", "drop negative", "drop random")
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
 def keep_masks(scores: np.ndarray, seed: int, k: int, p: float | None = None) -> dict[str, torch.Tensor]:
@@ -39,7 +36,7 @@ def keep_masks(scores: np.ndarray, seed: int, k: int, p: float | None = None) ->
     n = len(s)
     neg = (s >= 0) if p is None else filtering.iif_keep_mask(s, p)
     n_drop = int((~neg).sum())
-    rand = filtering.random_keep_mask(n, n_drop, np.random.default_rng(_seed(seed, k, 0xD20B)))
+    rand = filtering.random_keep_mask(n, n_drop, np.random.default_rng(derived_seed(seed, k, 0xD20B)))
     return {"unfiltered": torch.ones(n, dtype=torch.bool), "drop negative": neg, "drop random": rand}
 
 
@@ -57,7 +54,7 @@ def retrain_and_evaluate(run, args, k: int, buf, keep: torch.Tensor, seed: int, 
     from .rl.rollout import evaluate
     from .rl.update import ppo_update
     agent, optimizer = runinfo.load_theta(run, k, args)
-    generator = torch.Generator().manual_seed(_seed(seed, k, 0x7E7A))
+    generator = torch.Generator().manual_seed(derived_seed(seed, k, 0x7E7A))
     t0 = time.perf_counter()
     upd = ppo_update(agent, optimizer, buf, keep, args, generator)
     update_s = time.perf_counter() - t0

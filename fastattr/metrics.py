@@ -24,12 +24,13 @@ with a t-based confidence interval (df = seeds - 1; 2.776 for 5 seeds at 95%, as
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from . import analysis, store
 
 
 @dataclass
@@ -97,13 +98,7 @@ def curve_from_rows(rows: list[dict]) -> Curve:
 def load_curve(run_dir, rounds: int | None = None) -> Curve:
     """The run's curve; with `rounds`, only its rounds 0..rounds, i.e. the run a budget of `rounds` rounds would
     have given (the budget sets nothing but the number of rounds: tests/test_ppo.py checks it)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line being written
+    rows = store.read_jsonl(Path(run_dir) / "metrics.jsonl")
     if rounds is not None:
         have = max((r["round"] for r in rows), default=0)
         if have < rounds:
@@ -186,16 +181,12 @@ def mean_se(xs) -> tuple[float, float, int]:
 
 
 def t_interval(xs, conf: float = 0.95) -> tuple[float, float, float, int]:
-    """(mean, lo, hi, n): mean +- t_{(1+conf)/2, n-1} * s / sqrt(n); lo = hi = nan for n < 2."""
-    from scipy import stats
-
+    """(mean, lo, hi, n) of the finite values of xs (None skipped): analysis.t_ci; lo = hi = nan for n < 2."""
     a = np.asarray([x for x in xs if x is not None and np.isfinite(x)], dtype=np.float64)
     if len(a) == 0:
         return float("nan"), float("nan"), float("nan"), 0
-    if len(a) < 2:
-        return float(a.mean()), float("nan"), float("nan"), 1
-    half = float(stats.t.ppf((1 + conf) / 2, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
-    return float(a.mean()), float(a.mean() - half), float(a.mean() + half), int(len(a))
+    ci = analysis.t_ci(a, conf)
+    return ci.mean, ci.lo, ci.hi, ci.n
 
 
 def final_gain(std_finals: dict[int, float], other_finals: dict[int, float], conf: float = 0.95) -> dict:

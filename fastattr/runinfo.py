@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import store
+from .store import read_jsonl
 from .probes import ACTION_NAMES, env_family  # noqa: F401  (re-exported for the applications)
 
 ARGS_FILES = ("args.json", "config.json")
@@ -48,25 +49,6 @@ class Run:
     @property
     def name(self) -> str:
         return self.path.name
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Every JSON object in a .jsonl file; a truncated last line (a run still writing) is skipped."""
-    out = []
-    p = Path(path)
-    if not p.exists():
-        return out
-    lines = p.read_text().splitlines()
-    for i, line in enumerate(lines):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i != len(lines) - 1:
-                raise ValueError(f"{p}: line {i + 1} is not valid JSON") from None
-    return out
 
 
 def load_run(run_dir: str | os.PathLike) -> Run:

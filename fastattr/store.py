@@ -6,6 +6,7 @@ returns_mc, score_return, score_action.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -55,3 +56,31 @@ def load_round(run_dir: str | os.PathLike, k: int) -> dict[str, np.ndarray]:
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has attribution format {version}, this fastattr reads format {FORMAT_VERSION}")
     return data
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Every JSON object in a .jsonl file ([] when it does not exist); a cut last line (a run still writing) is
+    skipped, a bad line anywhere else is a ValueError naming the file and the line."""
+    out = []
+    p = Path(path)
+    if not p.exists():
+        return out
+    lines = p.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{p}: line {i + 1} is not valid JSON") from None
+    return out
+
+
+def append_jsonl(path: str | os.PathLike, rec: dict) -> None:
+    """Appends one JSON line and syncs it to disk."""
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -30,13 +30,10 @@ import numpy as np
 import torch
 
 from . import analysis, runinfo, targets
+from .rl.config import derived_seed
 
 MODES = ("sgd-step", "ppo")
 SELECTIONS = ("random", "ranked")
-
-
-def _seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
 def return_objective(agent, buf) -> float:
@@ -50,7 +47,7 @@ def subsets(scores: np.ndarray, size: int, n_subsets: int, seed: int) -> dict[st
     n = len(scores)
     if not 1 <= size < n:
         raise ValueError(f"subset size {size} must be in [1, {n - 1}] (use --frac in (0, 1))")
-    rng = np.random.default_rng(_seed(seed, 0x5B5E7))
+    rng = np.random.default_rng(derived_seed(seed, 0x5B5E7))
     random_sets = [np.sort(rng.choice(n, size=size, replace=False)) for _ in range(n_subsets)]
     order = np.argsort(scores, kind="stable")
     starts = np.unique(np.linspace(0, n - size, n_subsets).round().astype(int))
@@ -92,10 +89,10 @@ def validate_round(run, args, k: int, lrs: list[float], frac: float, n_subsets: 
     scores = agent0.return_scores(buf.obs, buf.actions, adv_record, buf.advantages).double().numpy()
     saved = np.asarray(data["score_return"], dtype=np.float64)
     reproduction = float(np.abs(scores - saved).max() / max(np.abs(saved).max(), 1e-30))
-    sets = subsets(scores, max(1, int(round(frac * n))), n_subsets, _seed(seed, k))
+    sets = subsets(scores, max(1, int(round(frac * n))), n_subsets, derived_seed(seed, k))
     state0 = {key: v.clone() for key, v in agent0.state_dict().items()}
     opt_state0 = copy.deepcopy(opt0.state_dict())  # state_dict() holds references to the live moments
-    gen = torch.Generator().manual_seed(_seed(seed, k, 0x0D3E))
+    gen = torch.Generator().manual_seed(derived_seed(seed, k, 0x0D3E))
     orders = [torch.randperm(n, generator=gen) for _ in range(args.n_epochs)]
 
     def run_update(mode: str, lr: float, keep: torch.Tensor) -> float:

@@ -7,6 +7,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from .. import analysis
 from .. import envs as envs_lib
 from .agent import Agent
 from .config import Args, derived_seed
@@ -130,18 +131,15 @@ def compute_gae(buf: Buffer, gamma: float, gae_lambda: float) -> Buffer:
 
 
 def discounted_returns(buf: Buffer, gamma: float) -> torch.Tensor:
-    """Monte Carlo discounted return-to-go within each episode [N]: G_t = r_t + gamma * G_{t+1}, cut at episode
-    ends, bootstrapped with V(final obs) at time-limit truncations and with V(next obs) at the end of the buffer."""
+    """Monte Carlo discounted return-to-go within each episode [N] (analysis.discounted_returns on the buffer): cut at
+    episode ends, bootstrapped with V(final obs) at time-limit truncations (in the rewards) and with V(next obs) at
+    the end of the buffer."""
     E = buf.num_envs
     T = buf.n // E
     r = (buf.rewards + buf.bootstrap).reshape(T, E).numpy().astype(np.float64)
-    nonterminal = 1.0 - buf.dones.reshape(T, E).numpy()
-    g = buf.next_value.numpy().astype(np.float64)
-    out = np.zeros((T, E))
-    for t in reversed(range(T)):
-        g = r[t] + gamma * nonterminal[t] * g
-        out[t] = g
-    return torch.from_numpy(out.reshape(-1).astype(np.float32))
+    ends = buf.dones.reshape(T, E).numpy().astype(bool)
+    g = analysis.discounted_returns(r, ends, gamma, bootstrap=buf.next_value.numpy().astype(np.float64))
+    return torch.from_numpy(g.reshape(-1).astype(np.float32))
 
 
 

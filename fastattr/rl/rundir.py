@@ -23,6 +23,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from .. import store
 from .agent import Agent
 from .config import NON_SEMANTIC, Args
 from .rollout import RolloutState
@@ -259,31 +260,20 @@ def _as_tuple(x):
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def append_jsonl(path: Path, rec: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def rows_from_metrics(path: Path, last_round: int) -> list[dict]:
     """Rounds 0..last_round of a metrics.jsonl written before checkpoints carried the rows; lines past last_round
     (a kill between the log line and the checkpoint) are dropped. A missing, cut or garbled row is an error: it
     cannot be rebuilt without training the round again."""
-    rows, bad = {}, []
-    text = path.read_text() if path.exists() else ""
-    for i, line in enumerate(text.splitlines()):
-        try:
-            rec = json.loads(line)
-            rows[int(rec["round"])] = rec
-        except (ValueError, KeyError, TypeError):
-            bad.append(i + 1)
+    try:
+        rows = {int(rec["round"]): rec for rec in store.read_jsonl(path)}
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunDirError(f"{path} is damaged ({e}) and this run's checkpoint is too old to rebuild it. Restore the "
+                          "file, or start the run again in a new --run-dir") from None
     missing = [r for r in range(last_round + 1) if r not in rows]
     if missing:
-        what = f"rounds {missing[:5]}{'...' if len(missing) > 5 else ''} are missing" + (
-            f" (unreadable lines {bad[:5]})" if bad else "")
-        raise RunDirError(f"{path} is damaged: {what}, and this run's checkpoint is too old to rebuild it. Restore "
-                          "the file, or start the run again in a new --run-dir")
+        raise RunDirError(f"{path} is damaged: rounds {missing[:5]}{'...' if len(missing) > 5 else ''} are missing, "
+                          "and this run's checkpoint is too old to rebuild it. Restore the file, or start the run "
+                          "again in a new --run-dir")
     return [rows[r] for r in range(last_round + 1)]
 
 
@@ -349,7 +339,7 @@ class RunDir:
             row.update(io_seconds=timers.get("io", 0.0), sps=steps / max(train, 1e-9))
         self.totals["wall_seconds"] += wall
         row.update(wall_seconds=self.totals["wall_seconds"], time=time.time())
-        append_jsonl(self.metrics_file, row)
+        store.append_jsonl(self.metrics_file, row)
         self.rows.append(row)
         save_checkpoint(checkpoint_path(self.path), round_=row["round"], agent=agent, optimizer=optimizer, rngs=rngs,
                         envs=envs, state=state, totals=self.totals, rows=self.rows, finished=finished)
