@@ -64,6 +64,10 @@ def main_train(argv: list[str] | None = None) -> int:
     except (ValueError, FloatingPointError) as e:  # RunDirError is a ValueError
         print(f"fastattr train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nfastattr train: interrupted; the run dir keeps its last finished round: add --resume to the same "
+              "command to continue", file=sys.stderr)
+        return 130
     if out.get("already_finished"):
         print(f"{out['run_dir']}: already finished (round {out.get('round')}); nothing to do")
     else:
@@ -155,13 +159,20 @@ def main_compare(argv: list[str] | None = None) -> int:
 
         from tqdm.auto import tqdm
 
-        with ThreadPoolExecutor(max_workers=opts.jobs) as pool, tqdm(total=len(todo), unit="run",
-                                                                       desc="compare") as bar:
-            for ms, rc in pool.map(launch, todo):
-                bar.update(1)
-                if rc != 0:
-                    failed.append(ms)
-                    bar.write(f"compare: {ms[0]} seed {ms[1]} failed (exit {rc}); see {out / 'logs'}")
+        pool = ThreadPoolExecutor(max_workers=opts.jobs)
+        try:
+            with tqdm(total=len(todo), unit="run", desc="compare") as bar:
+                for ms, rc in pool.map(launch, todo):
+                    bar.update(1)
+                    if rc != 0:
+                        failed.append(ms)
+                        bar.write(f"compare: {ms[0]} seed {ms[1]} failed (exit {rc}); see {out / 'logs'}")
+        except KeyboardInterrupt:  # the runs got the same Ctrl-C and stop; each keeps its last finished round
+            pool.shutdown(wait=False, cancel_futures=True)
+            print(f"\ncompare: interrupted; finished rounds are kept: run the same command again to resume "
+                  f"({out / 'runs'})", file=sys.stderr)
+            return 130
+        pool.shutdown()
     paths = aggregate(out, opts.env_id, methods, seeds, opts.baseline)
     if paths:
         print("\n".join(f"wrote {p}" for p in paths))

@@ -15,6 +15,7 @@ and against M targets with their own rows x_m, g_m:   <grad_W l_i, grad_W t_m> =
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -80,7 +81,13 @@ class Layer:
 
 def positions(x: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """Linear call -> x: [N, T, d_in], g: [N, T, d_out] with every leading dim past the first folded into T."""
-    return x.reshape(n, -1, x.shape[-1]), g.reshape(n, -1, g.shape[-1])
+    t = math.prod(x.shape[1:-1])  # explicit, so that N = 0 records still has a shape
+    return x.reshape(n, t, x.shape[-1]), g.reshape(n, t, g.shape[-1])
+
+
+def _flat_rows(idx: Tensor, n: int) -> Tensor:
+    """Embedding indices [N, ...] -> [N, T]."""
+    return idx.reshape(n, math.prod(idx.shape[1:]))
 
 
 def conv_patches(module: nn.Module, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
@@ -143,8 +150,8 @@ def aggregated(layer: Layer, grads: list, G: dict, n: int, dtype, chunk: int) ->
                 if gb is not None:
                     total[s:s + chunk] += (gc.flatten(2).sum(2) @ gb.to(dtype)).to(total.dtype)
         else:  # Embedding: <grad_W l_i, G> = sum_t g_it . G[idx_it]
-            idx = x.reshape(n, -1)
-            g3 = g.reshape(n, idx.shape[1], -1).to(dtype)
+            idx = _flat_rows(x, n)
+            g3 = g.reshape(n, idx.shape[1], g.shape[-1]).to(dtype)
             rows = (gw.to_dense() if gw.is_sparse else gw).to(dtype)[idx]  # sparse=True Embedding
             if m.padding_idx is not None:
                 rows = rows * (idx != m.padding_idx).unsqueeze(-1)
@@ -189,8 +196,8 @@ def embedding_pairwise(layer: Layer, rg: list, tg: list, n: int, m_targets: int,
         for call, gg in zip(calls, gs):
             if gg is None:
                 continue
-            i = call.x.reshape(rows, -1)
-            idx.append(i), g.append(gg.reshape(rows, i.shape[1], -1).to(dtype))
+            i = _flat_rows(call.x, rows)
+            idx.append(i), g.append(gg.reshape(rows, i.shape[1], gg.shape[-1]).to(dtype))
         if not idx:
             return None
         i, gg = torch.cat(idx, 1), torch.cat(g, 1)

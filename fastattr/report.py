@@ -188,13 +188,14 @@ def load_scores(run: runinfo.Run, key: str = "score_return", max_rounds: int = 2
         rounds = [rounds[int(i)] for i in np.linspace(0, len(rounds) - 1, max_rounds)]
     out = {}
     for k in rounds:
-        with np.load(store.round_path(run.path, k), allow_pickle=False) as f:
-            if int(f["format_version"]) != store.FORMAT_VERSION:
-                raise ValueError(f"{store.round_path(run.path, k)} has attribution format {int(f['format_version'])}, "
-                                 f"this fastattr reads format {store.FORMAT_VERSION}")
-            if key in f.files:
-                s = np.asarray(f[key], dtype=np.float64)
-                out[k] = s.reshape(len(s), -1).mean(1) if s.ndim > 1 else s
+        try:
+            data = store.load_round(run.path, k, keys=(key,))
+        except ValueError as e:  # a damaged round file: the report goes on without it
+            print(f"fastattr report: leaving out round {k}: {e}", file=sys.stderr)
+            continue
+        if key in data:
+            s = np.asarray(data[key], dtype=np.float64)
+            out[k] = s.reshape(len(s), -1).mean(1) if s.ndim > 1 else s
     return out
 
 

@@ -59,7 +59,10 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     args = {}
     for name in ARGS_FILES:
         if (p / name).exists():
-            args = json.loads((p / name).read_text())
+            try:
+                args = json.loads((p / name).read_text())
+            except (UnicodeDecodeError, ValueError) as e:
+                raise ValueError(f"{p / name} is damaged ({e}); restore it, or train the run again") from None
             break
     run = Run(p, args, read_jsonl(p / "metrics.jsonl"), store.saved_rounds(p))
     if not run.metrics and not run.rounds and not args:
@@ -82,26 +85,26 @@ def load_round(run_dir: str | os.PathLike, k: int, required: tuple[str, ...] = (
     return data
 
 
-def parse_int_list(spec: str, what: str = "--seeds") -> list[int]:
-    """'0-4' -> [0..4]; '0,3,7' -> [0, 3, 7]: sorted, without repeats; a reversed range or an empty list is an error."""
+def parse_int_list(spec: str, what: str = "--seeds", at_most: int = 1000) -> list[int]:
+    """'0-4' -> [0..4]; '0,3,7' -> [0, 3, 7]: sorted, without repeats. An empty item ('0,,1'), a reversed range, a
+    negative number, an empty list or more than `at_most` values (e.g. '0-1000000' seeds: a million runs) is an
+    error."""
     out: list[int] = []
     try:
         for part in str(spec).split(","):
             part = part.strip()
-            if not part:
-                continue
-            if "-" in part:
-                a, b = part.split("-", 1)
-                lo, hi = int(a), int(b)
-                if hi < lo:
-                    raise ValueError
-                out.extend(range(lo, hi + 1))
-            else:
-                out.append(int(part))
+            a, sep, b = part.partition("-")
+            lo, hi = (int(a), int(b)) if sep else (int(part), int(part))
+            if lo < 0 or hi < lo:
+                raise ValueError
+            if hi - lo + 1 + len(out) > at_most:
+                raise OverflowError
+            out.extend(range(lo, hi + 1))
+    except OverflowError:
+        raise ValueError(f"{what} {spec!r} asks for more than {at_most} values; give a smaller range") from None
     except ValueError:
-        raise ValueError(f"{what} must look like '0-4' or '0,2,5', got {spec!r}") from None
-    if not out:
-        raise ValueError(f"{what} is empty: {spec!r}")
+        raise ValueError(f"{what} must look like '0-4' or '0,2,5' (non-negative, no empty item), got {spec!r}") \
+            from None
     return sorted(dict.fromkeys(out))
 
 
@@ -112,7 +115,7 @@ def parse_rounds(spec: str, available: list[int]) -> list[int]:
         if not available:
             raise ValueError("no rounds were saved in this run (train with --save-attribution)")
         return list(available)
-    return parse_int_list(spec, "--round")
+    return parse_int_list(spec, "--round", at_most=1_000_000)
 
 
 def parse_seeds(spec: str) -> list[int]:
@@ -165,7 +168,11 @@ def load_theta(run: Run, k: int, args=None):
         have = sorted(int(p.stem.split("_")[-1]) for p in path.parent.glob("theta_*.pt"))
         raise FileNotFoundError(f"θ({k}) was not saved in {run.path} ({path.name} missing; saved: {have[:10]}"
                                 f"{'...' if len(have) > 10 else ''}); train with --save-attribution")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # cut or overwritten: torch raises several kinds
+        raise ValueError(f"{path} is damaged ({type(e).__name__}); delete it and the round's attribution file, or "
+                         "train the run again with --save-attribution") from None
     agent = make_agent(args)
     agent.load_state_dict(ckpt["agent"])
     optimizer = make_optimizer(agent, args)
@@ -202,6 +209,9 @@ def run_tool(name: str, compute, write, to_markdown, out_dir) -> int:
     except (FileNotFoundError, KeyError, ValueError) as e:
         print(f"fastattr {name}: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nfastattr {name}: interrupted; nothing was written", file=sys.stderr)
+        return 130
     print(to_markdown(res))
     print("wrote " + ", ".join(files.values()))
     return 0

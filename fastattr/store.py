@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,9 @@ def saved_rounds(run_dir: str | os.PathLike) -> list[int]:
     return sorted(int(m.group(1)) for p in d.glob("round_*.npz") if (m := _NAME.search(p.name))) if d.is_dir() else []
 
 
-def load_round(run_dir: str | os.PathLike, k: int) -> dict[str, np.ndarray]:
+def load_round(run_dir: str | os.PathLike, k: int, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Round k's arrays (only `keys`, those of them it has, when given). Missing round: FileNotFoundError; damaged
+    file or another format: ValueError naming the file and the fix."""
     path = round_path(run_dir, k)
     if not path.exists():
         have = saved_rounds(run_dir)
@@ -50,8 +53,12 @@ def load_round(run_dir: str | os.PathLike, k: int) -> dict[str, np.ndarray]:
             f"round {k} was not saved in {run_dir} (saved rounds: {have[:10]}{'...' if len(have) > 10 else ''}); "
             "train with --save-attribution to store every round"
         )
-    with np.load(path, allow_pickle=False) as f:
-        data = {key: f[key] for key in f.files}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {key: f[key] for key in f.files if keys is None or key in keys or key == "format_version"}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # cut or overwritten: np.load raises several kinds
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); delete it (the tools then skip round {k}) or "
+                         "train the run again with --save-attribution") from None
     version = int(data.pop("format_version", -1))
     if version != FORMAT_VERSION:
         raise ValueError(f"{path} has attribution format {version}, this fastattr reads format {FORMAT_VERSION}")

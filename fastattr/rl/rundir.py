@@ -181,8 +181,9 @@ def load_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, empty or overwritten: torch raises several kinds
-        raise RunDirError(f"checkpoint {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); the "
-                          "run cannot resume from it: start it again in a new --run-dir") from None
+        first = (str(e) or "empty").splitlines()[0][:120]
+        raise RunDirError(f"checkpoint {path} is damaged ({type(e).__name__}: {first}); the run cannot resume from "
+                          "it: start it again in a new --run-dir") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE_FORMATS:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise RunDirError(f"{path} has checkpoint format {found}, this fastattr reads {READABLE_FORMATS}")
