@@ -16,9 +16,12 @@ all: build
 TORCH_CHANGED := $(if $(filter-out $(TORCH),$(shell cat $(VENV)/.torch 2>/dev/null)),FORCE)
 
 $(VENV)/.deps: pyproject.toml $(TORCH_CHANGED)
+	@echo "make: [1/4] creating $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
+	@echo "make: [2/4] installing $(TORCH) (about a minute)"
 	$(VENV)/bin/pip install -q "$(TORCH)"
+	@echo "make: [3/4] installing the other dependencies (about a minute): $(DEPS)"
 	$(VENV)/bin/pip install -q $(DEPS)
 	echo "$(TORCH)" > $(VENV)/.torch
 	touch $@
@@ -27,6 +30,7 @@ venv: $(VENV)/.deps
 
 # The compiled extension (CPU kernels; CUDA too where a GPU is visible or FASTATTR_FORCE_CUDA=1).
 $(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
+	@echo "make: [4/4] compiling fastattr's C++ kernels (about a minute)"
 	$(VENV)/bin/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

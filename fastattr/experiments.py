@@ -237,12 +237,13 @@ def plot_curves(curves, path: Path, env_id: str) -> None:
     import numpy as np
 
     from . import metrics
+    from .probes import return_range
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     for method, runs in curves.items():
         cs = list(runs.values())
         n = min(len(c.returns) for c in cs)
-        mean, lo, hi = metrics.band([c.returns[:n] for c in cs])
+        mean, lo, hi = metrics.band([c.returns[:n] for c in cs], bounds=return_range(env_id))
         xs = {
             0: np.mean([c.steps[:n] for c in cs], 0),
             1: np.mean([c.train[:n] for c in cs], 0),

@@ -197,8 +197,10 @@ def final_gain(std_finals: dict[int, float], other_finals: dict[int, float], con
     return {"mean": mean, "ci_low": lo, "ci_high": hi, "n": n, "conf": conf, "seeds": seeds}
 
 
-def band(curves: list[np.ndarray], conf: float = 0.95) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and t-based CI across seeds at each index, over the common length of the curves."""
+def band(curves: list[np.ndarray], conf: float = 0.95, bounds: tuple[float, float] | None = None) \
+        -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and t-based CI across seeds at each index, over the common length of the curves; the CI clipped to
+    `bounds` (the range the return can take: a band below 0 for a return in [0, 1] says nothing)."""
     from scipy import stats
 
     n = min(len(c) for c in curves)
@@ -207,7 +209,10 @@ def band(curves: list[np.ndarray], conf: float = 0.95) -> tuple[np.ndarray, np.n
     if len(a) < 2:
         return mean, mean, mean
     half = stats.t.ppf((1 + conf) / 2, len(a) - 1) * a.std(0, ddof=1) / math.sqrt(len(a))
-    return mean, mean - half, mean + half
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = np.clip(lo, *bounds), np.clip(hi, *bounds)
+    return mean, lo, hi
 
 
 def summarize(curves: dict[str, dict[int, Curve]], baseline: str = "ppo", conf: float = 0.95) -> dict:

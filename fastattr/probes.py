@@ -42,6 +42,17 @@ def env_family(env_id: str | None) -> str | None:
     return env_id.split("-")[0]
 
 
+# The range an episode's return can take, per env family (where it is known): plots clip confidence bands to it.
+RETURN_RANGES: dict[str, tuple[float, float]] = {
+    "FrozenLake": (0.0, 1.0), "MiniGrid": (0.0, 1.0), "CartPole": (0.0, 500.0), "Acrobot": (-500.0, 0.0),
+}
+
+
+def return_range(env_id: str | None) -> tuple[float, float] | None:
+    """(lowest, highest) possible return of an episode of env_id, or None when not known."""
+    return RETURN_RANGES.get(env_family(env_id) or "")
+
+
 @dataclass
 class Probe:
     name: str

@@ -139,6 +139,14 @@ def file_b64(path) -> str:
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
+def _return_range(runs: list[runinfo.Run]) -> tuple[float, float] | None:
+    """The return range of the runs' env (probes.RETURN_RANGES)."""
+    from .probes import return_range
+
+    env_ids = {r.args.get("env_id") for r in runs if r.args}
+    return return_range(env_ids.pop()) if len(env_ids) == 1 else None
+
+
 def curves_figure(runs: list[runinfo.Run]) -> tuple[str | None, list[dict]]:
     """Return vs env steps per method: mean over seeds with a 95% t-interval band (at the x values every seed of the
     method has: a seed missing an evaluation does not shift the others). Returns (png base64 or None, a table of
@@ -155,6 +163,7 @@ def curves_figure(runs: list[runinfo.Run]) -> tuple[str | None, list[dict]]:
             by_method[method_of(r)].append((xs, ys))
     if not by_method:
         return None, []
+    bounds = _return_range(runs)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.2))
     table = []
@@ -170,7 +179,10 @@ def curves_figure(runs: list[runinfo.Run]) -> tuple[str | None, list[dict]]:
         ax.plot(xs, mean, color=c, lw=2, label=f"{method} ({len(curves)} seed{'s' * (len(curves) > 1)})")
         if len(curves) > 1:
             cis = [analysis.t_ci(ys[:, j]) for j in range(n)]
-            ax.fill_between(xs, [ci.lo for ci in cis], [ci.hi for ci in cis], color=c, alpha=0.18, lw=0)
+            lo, hi = np.array([ci.lo for ci in cis]), np.array([ci.hi for ci in cis])
+            if bounds is not None:  # the range the return can take
+                lo, hi = np.clip(lo, *bounds), np.clip(hi, *bounds)
+            ax.fill_between(xs, lo, hi, color=c, alpha=0.18, lw=0)
         final = analysis.t_ci(ys[:, -1])
         table.append({"method": method, "seeds": len(curves), "final": final.as_dict(),
                       "peak_mean": float(mean.max()), "x_final": float(xs[-1])})
@@ -579,7 +591,9 @@ def build_report(root, out: str | None = None, diagnose_round: int | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="fastattr report", description=__doc__.split("\n\n")[0])
+    sections = __doc__.split("\n\n")[1]
+    p = argparse.ArgumentParser(prog="fastattr report", description=__doc__.split("\n\n")[0],
+                                epilog="sections:\n" + sections, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="a run dir (fastattr train) or a compare dir (fastattr compare)")
     p.add_argument("--out", default=None, help="output file (default: DIR/report.html)")
     p.add_argument("--diagnose-round", type=int, default=None,

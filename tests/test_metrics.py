@@ -203,3 +203,11 @@ def test_ablation_table_pairs_labelled_runs_by_seed(tmp_path, capsys):
         table.main([f"base={tmp_path}/base/ppo_s*", "--rounds", "3"])
     with pytest.raises(SystemExit):
         table.main([f"base={tmp_path}/base/ppo_s*", "--rounds", "0"])
+
+
+def test_band_is_clipped_to_the_return_range():
+    curves = [np.array([0.0, 0.0, 1.0]), np.array([0.0, 1.0, 1.0]), np.array([0.0, 0.0, 0.9])]
+    mean, lo, hi = metrics.band(curves)
+    assert lo.min() < 0 and hi.max() > 1  # a t-band over [0, 1] returns leaves the range
+    mean, lo, hi = metrics.band(curves, bounds=(0.0, 1.0))
+    assert lo.min() >= 0 and hi.max() <= 1 and np.all(lo <= mean) and np.all(mean <= hi)
