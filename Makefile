@@ -51,7 +51,7 @@ test-all: build
 clean:
 	rm -rf build fastattr/_C*.so *.egg-info $(VENV)/.built
 
-# ---- CUDA kernels (issue 5): compiled on every CI run, with or without a GPU ----
+# ---- CUDA kernels: compiled on every CI run, with or without a GPU ----
 # A second venv holds the CUDA build of torch; the extension is built out of tree into build/cuda, so the CPU .so in
 # fastattr/ is never replaced, and the import check runs from there. TORCH_CUDA_ARCH_LIST defaults to sm_90 only
 # (compile check; release builds use setup.py's Ampere/Hopper/Blackwell+PTX default).

@@ -12,7 +12,7 @@ work any gradient-based scorer must at least do. Rows, all on the same actor and
   fastattr-reference  fastattr.score with the pure-torch reference ops instead of the kernels
   vmap                torch.func.vmap(grad) per-sample gradients flattened to [N, P], then a GEMV (TRAK / dattri)
   vmap-per-param      the same gradients dotted parameter by parameter (no [N, P] concatenation)
-  materialise         the paper's official method, re-implemented from its description (PAPER.md section 6): hooks
+  materialise         the paper's official method, re-implemented from its description (docs/method.md): hooks
                       keep each Linear's input and output gradient, then per-sample weight gradients [N, d_out, d_in]
                       per layer are dotted with the summed target gradient
 Peak memory is measured per method in a fresh subprocess (ru_maxrss above the set-up high-water mark). fastattr runs

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the fastattr CUDA kernels (issue 5), prepared for a lent GPU machine (nvidia-h200: torch
+# One-shot GPU check of the fastattr CUDA kernels, prepared for a lent GPU machine (nvidia-h200: torch
 # 2.11+cu130 in python3, nvcc 13.0, pytest, ninja; no gymnasium, no network). Under 8 minutes in total:
 #   1. environment: GPU, driver, nvcc, torch;
 #   2. build fastattr._C in place with the CUDA kernels, against that machine's own torch, for sm_90 only (with the

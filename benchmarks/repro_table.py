@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-# PAPER.md "Fig. 6(b)", "Table 4" and "Table 5": (SE_ave, SE_peak, RT_peak, Table 5 RT_peak, final-gain CI).
+# The paper's Fig. 6(b), Table 4 and Table 5: (SE_ave, SE_peak, RT_peak, Table 5 RT_peak, final-gain CI).
 PAPER = {
     "FrozenLake-v1": ("34.0 ± 2.0", "19.2 ± 5.9", "29.5 ± 2.9", "31.3 ± 3.3", "–"),
     "Acrobot-v1": ("36.7 ± 6.5", "48.5 ± 0.8", "55.2 ± 1.0", "55.2 ± 1.0", "–"),

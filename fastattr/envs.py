@@ -25,11 +25,11 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Preset:
-    """Paper settings for one environment (PAPER.md §3-§4, App. A.1-A.2, Table 1)."""
+    """Paper settings for one environment (the paper's sections 3-4, appendix A.1-A.2, Table 1)."""
 
     total_timesteps: int
     p: float
-    """fraction of the negative-influence records IIF drops (PAPER.md §3)"""
+    """fraction of the negative-influence records IIF drops"""
     optimizer: str = "sgd"
     learning_rate: float = 5e-3
     network: str = "mlp"

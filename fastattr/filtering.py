@@ -1,4 +1,4 @@
-"""IIF's record selection (PAPER.md §3): turn per-record influence scores into a keep-mask. Pure functions on tensors.
+"""IIF's record selection: turn per-record influence scores into a keep-mask. Pure functions on tensors.
 
 | method        | drops                                                                             |
 |---------------|-----------------------------------------------------------------------------------|
@@ -36,7 +36,7 @@ def _check_scores(scores: Tensor) -> Tensor:
 
 
 def iif_keep_mask(scores: Tensor, p: float) -> Tensor:
-    """Keep-mask [N] bool dropping the bottom p of the negative-score records (PAPER.md §3, Algorithm 1).
+    """Keep-mask [N] bool dropping the bottom p of the negative-score records (the paper's Algorithm 1).
 
     thr = sorted(scores)[int(n_neg * p)]; records with score < thr are dropped (all of them negative). With p = 1
     every negative record goes. Ties at thr are kept. Equivalent to the official `neg-bottom` selection.

@@ -1,4 +1,4 @@
-"""The paper's efficiency metrics (PAPER.md §5) and the statistics `fastattr compare` reports.
+"""The paper's efficiency metrics (docs/reproduction.md defines them) and the statistics `fastattr compare` reports.
 
 For a standard-PPO curve (baseline) and a method's curve from the same seed, both evaluated after every round:
     m(v)       first round r >= 1 whose evaluation return is >= v
@@ -11,7 +11,7 @@ For a standard-PPO curve (baseline) and a method's curve from the same seed, bot
                plateau, where both methods sit, so the two readings can differ by a factor of ~2 (FrozenLake)
     SE_peak    reduction at v*
     RT_peak    1 - T_method(m_method(v*)) / T_std(m_std(v*)), T(r) the cumulative time through round r:
-               `opt` = optimisation + influence time only (the paper's Table 5, PAPER.md §8), or
+               `opt` = optimisation + influence time only (the paper's Table 5), or
                `train` = full training wall-clock (rollouts + influence + optimisation; evaluation excluded);
                also `updates` = optimiser steps instead of seconds: a load-independent proxy of the optimisation
                work, since wall-clock on a shared machine moves with the other processes' load

@@ -24,7 +24,7 @@ def grad_dot(x: Tensor, g: Tensor, target: Tensor, target_bias: Tensor | None = 
     """Per-record <grad_W l_i, target> + <grad_b l_i, target_bias> for one Linear-like layer.
 
     x: [N, (T,) d_in], g: [N, (T,) d_out], target: [d_out, d_in], target_bias: [d_out] or None -> [N].
-    Equivalent to sum_t g_it^T target x_it + sum_t g_it . target_bias  (DESIGN.md identity I1).
+    Equivalent to sum_t g_it^T target x_it + sum_t g_it . target_bias  (identity I1 in docs/method.md).
     """
     acc = score_dtype(x.dtype)
     x3, g3 = _as_3d(x).to(acc), _as_3d(g).to(acc)

@@ -1,4 +1,4 @@
-"""IIF's drop rule (PAPER.md §3) on hand-made scores, the random control and the bad inputs."""
+"""IIF's drop rule on hand-made scores, the random control and the bad inputs."""
 import numpy as np
 import pytest
 import torch

@@ -13,7 +13,7 @@
 // Each thread (SIMT) or warp (wmma) owns the same stash elements in all of these, so they need no block barrier
 // among themselves; the caller syncs before other threads read sm.c.
 //
-// Precision policy (DESIGN.md section 10.6):
+// Precision policy:
 //   SimtTile  CUDA cores; operands converted to acc_t (float, or double for double inputs) when staged, products
 //             and sums in acc_t. Used for float64, for float32 unless TF32 is allowed, and on GPUs older than sm_80.
 //   WmmaTile  tensor cores (wmma 16x16 fragments), fp32 accumulation. fp16/bf16 operands are exact inputs (their
