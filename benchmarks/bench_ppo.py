@@ -5,7 +5,8 @@
    per LunarLander round (Table 5).
 2. Loop speed, measured side by side in one process (implementations interleaved, repeated): fastattr.ppo (method
    ppo and iif) vs a minimal CleanRL-style loop (torch.distributions, nn.Module calls, the same config) vs
-   Stable-Baselines3 PPO (if installed: .venv/bin/pip install stable-baselines3). Each ratio is paired within a
+   Stable-Baselines3 PPO (if installed: .venv/bin/pip install stable-baselines3), and fastattr ppo with the torch
+   autograd step instead of the numpy SGD step (update_backend torch vs auto). Each ratio is paired within a
    repetition (median round of each implementation over fastattr ppo's), reported as median [min, max] over reps.
    Goal: >= the CleanRL-style loop, >= 3x SB3. SB3 clips gradients at 0.5 (its default; the paper's patched copy
    does not), a negligible cost here. FASTATTR_STRICT=1: a missing kernel stops the run instead of timing the
@@ -43,17 +44,18 @@ from fastattr.rl.update import ppo_update
 ENV_ID = "LunarLander-v3"
 
 
-def paper_args(method: str) -> Args:
+def paper_args(method: str, update_backend: str = "auto") -> Args:
     return validate_args(Args(**{**paper_overrides(ENV_ID), "env_id": ENV_ID, "method": method,
-                                         "eval_episodes": 0, "run_dir": "/tmp/unused", "progress": False}))
+                                 "update_backend": update_backend, "eval_episodes": 0, "run_dir": "/tmp/unused",
+                                 "progress": False}))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # fastattr.ppo, composed from its round pieces exactly as ppo.main does (minus evaluation and checkpoints)
 # ----------------------------------------------------------------------------------------------------------------------
 class Ours:
-    def __init__(self, method: str, seed: int = 0):
-        self.args = args = paper_args(method)
+    def __init__(self, method: str, seed: int = 0, update_backend: str = "auto"):
+        self.args = args = paper_args(method, update_backend)
         torch.manual_seed(seed)
         self.envs = envs_lib.make_vector_env(ENV_ID, 1)
         self.agent = Agent(self.envs.single_observation_space, self.envs.single_action_space)
@@ -221,7 +223,8 @@ def main() -> None:
     if not ops.has_kernel("grad_dot", "cpu"):  # the op the PPO loop's scoring calls
         raise SystemExit("fastattr CPU kernel grad_dot is not built (make build): not timing the fallback")
 
-    impls = {"fastattr ppo": lambda: Ours("ppo"), "fastattr iif": lambda: Ours("iif"), "cleanrl-style": CleanRL}
+    impls = {"fastattr ppo": lambda: Ours("ppo"), "fastattr iif": lambda: Ours("iif"),
+             "ppo torch-step": lambda: Ours("ppo", update_backend="torch"), "cleanrl-style": CleanRL}
     if not opts.no_sb3:
         try:
             import stable_baselines3  # noqa: F401
@@ -257,6 +260,10 @@ def main() -> None:
           f"max {100 * share['max']:.2f}%, {share['n']} rounds; {iif['attr']:.4f} s of {iif['total']:.3f} s) "
           f"(goal <= 10%; scoring alone {iif['score']:.4f} s; the paper: 0.13 s per round, Table 5; "
           f"kept {100 * iif['kept']:.1f}% of the records)")
+    step = spread([t / n for t, n in zip(rep_ratios["ppo torch-step"], rep_ratios["fastattr ppo"])])
+    print(f"numpy SGD step: a round with the torch step takes {step['median']:.2f}x [{step['min']:.2f}, "
+          f"{step['max']:.2f}] a round with the numpy step (update alone: "
+          f"{med['ppo torch-step']['update'] / med['fastattr ppo']['update']:.2f}x; the numpy step is kept at >= 1.5x)")
     ratios = {f"{name}/ours": spread(r) for name, r in rep_ratios.items()}
     print("ratios, seconds per round over fastattr ppo's in the same rep (median [min, max] over reps): "
           + ", ".join(f"{k} {v['median']:.2f} [{v['min']:.2f}, {v['max']:.2f}]" for k, v in ratios.items()))
