@@ -9,9 +9,17 @@ CleanRL-style scripts all call `select`).
 
 Semantics (see fastattr/targets.py): score_i = <grad l_i, grad f> at the current parameters, l_i = -A~_i log pi(a_i|s_i)
 with A~ normalised exactly as the update will normalise it in epoch 1 (per minibatch of `order`), f the return target
-with the raw advantages; then `filtering.keep_mask` (iif: drop the bottom p of the negative-score records; iif-all-neg;
-random: as many records at random; none/ppo: keep all). A filter that would keep no record keeps all of them (with a
-warning), so an update never runs on an empty batch.
+with the raw advantages (or a given target gradient: `target_grads`); then the method chooses:
+
+    iif           drop the bottom p of the negative-score records (the paper's rule, filtering.iif_keep_mask)
+    iif-all-neg   drop every negative-score record
+    random        drop as many records as iif would, at random (the control)
+    none / ppo    keep every record (the scores are still computed)
+    iif-reweight  drop the records with score <= 0 and weight the others by score / mean score (as I-PPO)
+    iif-adam      iif's rule, scored against the target gradient Adam's next step would follow (the caller passes
+                  it: targets.adam_precondition)
+A filter that would keep no record keeps all of them (with a warning), so an update never runs on an empty batch.
+(dtv-loo filters inside each minibatch of the update instead: fastattr/rl/update.py.)
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ from torch import Tensor, nn
 
 from . import filtering, targets
 
-FILTERS = ("iif", "iif-all-neg", "random", "none", "ppo")  # 'none' and 'ppo' are the same: keep every record
+FILTERS = ("iif", "iif-all-neg", "random", "none", "ppo", "iif-reweight", "iif-adam")  # 'none' = 'ppo': keep all
 
 
 @dataclass
@@ -45,6 +53,8 @@ class Selection:
     """wall-clock time of scoring and filtering"""
     fallback: bool = False
     """True when the filter would have kept nothing and every record was kept instead"""
+    weights: Tensor | None = None
+    """[N] float: each kept record's weight in the policy loss (iif-reweight; None = all 1)"""
 
     @property
     def kept_indices(self) -> Tensor:
@@ -64,7 +74,7 @@ def check_filter(method: str) -> str:
 def select(model: nn.Module, log_prob: Callable[[nn.Module], Tensor], advantages: Tensor, *, method: str = "iif",
            p: float = 0.5, batch_size: int = 64, order: Tensor | None = None, adv_norm: str = "minibatch",
            params=None, rng: np.random.Generator | None = None, generator: torch.Generator | None = None,
-           **score_kwargs) -> Selection:
+           target_grads: dict[str, Tensor] | None = None, **score_kwargs) -> Selection:
     """Scores the batch at the model's current parameters and returns which records to keep.
 
     Arguments:
@@ -78,6 +88,7 @@ def select(model: nn.Module, log_prob: Callable[[nn.Module], Tensor], advantages
         adv_norm: minibatch | buffer | none, how A~ is normalised (minibatch = as the update does it).
         params: which parameters are scored (see fastattr.score), e.g. a predicate excluding the critic.
         rng: numpy Generator for the random control (required for method='random').
+        target_grads: {parameter name: G}, a target gradient to score against instead of the return target's.
         score_kwargs: passed to fastattr.score (e.g. deterministic=, chunk_size=).
     """
     method = check_filter(method)
@@ -93,12 +104,23 @@ def select(model: nn.Module, log_prob: Callable[[nn.Module], Tensor], advantages
     if order.shape != (n,) or not torch.equal(order.sort().values, torch.arange(n)):
         raise ValueError(f"order must be a permutation of the {n} records, got shape {tuple(order.shape)}")
     adv_record = targets.normalize_advantages(advantages, order, batch_size, adv_norm)
-    scores = targets.return_scores(model, log_prob, adv_record, advantages, params=params, **score_kwargs)
-    keep = filtering.keep_mask(method, scores.detach().cpu(), p, rng)
+    if method == "iif-adam" and target_grads is None:
+        raise ValueError("method iif-adam scores against Adam's preconditioned target gradient: pass target_grads "
+                         "(fastattr.targets.adam_precondition)")
+    scores = targets.return_scores(model, log_prob, adv_record, advantages, params=params, target_grads=target_grads,
+                                   **score_kwargs)
+    s = scores.detach().cpu()
+    weights = None
+    if method == "iif-reweight":
+        keep = s > 0
+        if keep.any():
+            weights = torch.where(keep, s / s[keep].mean(), torch.zeros_like(s))
+    else:
+        keep = filtering.keep_mask("iif" if method == "iif-adam" else method, s, p, rng)
     fallback = False
     if not keep.any():
         warnings.warn(f"the {method} filter would keep no records; training on all of them this round", RuntimeWarning,
                       stacklevel=2)
-        keep, fallback = torch.ones(n, dtype=torch.bool), True
+        keep, fallback, weights = torch.ones(n, dtype=torch.bool), True, None
     return Selection(scores=scores, keep=keep, epoch1_order=order[keep[order]], adv_record=adv_record,
-                     seconds=time.perf_counter() - t0, fallback=fallback)
+                     seconds=time.perf_counter() - t0, fallback=fallback, weights=weights)

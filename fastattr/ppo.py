@@ -38,7 +38,7 @@ from .rl.agent import Agent, make_optimizer
 from .rl.config import Args, derived_seed, train_env_seeds, validate_args
 from .rl.rollout import collect_rollout, compute_gae, discounted_returns, evaluate, make_eval_envs
 from .rl.rundir import RunDir
-from .rl.update import ppo_update
+from .rl.update import lookahead_target_grads, ppo_update
 from .threads import use_threads
 
 __all__ = ["Args", "main"]
@@ -86,16 +86,17 @@ def _train(args: Args, run: RunDir) -> dict:
 
     bar = tqdm(total=num_rounds, initial=run.round, desc=f"{args.env_id} {args.method} s{args.seed}", unit="round",
                disable=not args.progress, dynamic_ncols=True)
-    need_scores = args.method != "ppo" or args.save_attribution
+    need_scores = args.method not in ("ppo", "dtv-loo") or args.save_attribution
     for r in range(run.round + 1, num_rounds + 1):
         k = r - 1  # the paper's round index: theta(k) collects and scores B(k), the update yields theta(k+1)
         timers = {}
 
         # ALGO LOGIC: rollout with theta(k)
         t0 = time.perf_counter()
-        if args.env_stream == "reseed" and r > 1:  # the official code: a fresh, identically seeded env each round
-            state.next_obs, _ = envs.reset(seed=train_env_seeds(args))
+        if args.env_stream == "reseed" and r > 1:  # the official code's one process per round: the env and the
+            state.next_obs, _ = envs.reset(seed=train_env_seeds(args))  # action stream restart identically seeded
             state.ep_return[:], state.ep_length[:] = 0, 0
+            state.rng.bit_generator.state = np.random.default_rng(derived_seed(args.seed, 0xAC7)).bit_generator.state
         buf, episodes = collect_rollout(envs, agent, state, args)
         compute_gae(buf, args.gamma, args.gae_lambda)
         timers["rollout"] = time.perf_counter() - t0
@@ -106,9 +107,17 @@ def _train(args: Args, run: RunDir) -> dict:
         selection = None                                            # minibatches, as the update will normalise it
         if need_scores:
             with use_threads(args.threads):
+                target_grads = None  # the return target's own gradient at theta(k), unless a method says otherwise
+                if args.target == "lookahead":
+                    target_grads = lookahead_target_grads(agent, optimizer, buf, args, generator, epoch1_order)
+                if args.method == "iif-adam":
+                    target_grads = targets.adam_precondition(target_grads or targets.return_target_grads(
+                        agent, lambda m: m.log_prob(buf.obs, buf.actions), buf.advantages, Agent.is_actor_param),
+                        agent, optimizer)
                 selection = iif.select(agent, lambda m: m.log_prob(buf.obs, buf.actions), buf.advantages,
-                                       method=args.method, p=args.p, batch_size=args.batch_size, order=epoch1_order,
-                                       adv_norm=args.score_adv_norm, params=Agent.is_actor_param, rng=filter_rng)
+                                       method=round_filter(args.method), p=args.p, batch_size=args.batch_size,
+                                       order=epoch1_order, adv_norm=args.score_adv_norm, params=Agent.is_actor_param,
+                                       rng=filter_rng, target_grads=target_grads)
         keep = selection.keep if selection is not None else None
         probe = {}
         if args.save_attribution and args.probe:  # action targets at theta(k)
@@ -130,7 +139,8 @@ def _train(args: Args, run: RunDir) -> dict:
 
         # ALGO LOGIC: the normal PPO epochs on the kept records, from theta(k)
         t0 = time.perf_counter()
-        losses = ppo_update(agent, optimizer, buf, keep, args, generator, epoch1_order=epoch1_order)
+        losses = ppo_update(agent, optimizer, buf, keep, args, generator, epoch1_order=epoch1_order,
+                            weights=selection.weights if selection is not None else None)
         timers["update"] = time.perf_counter() - t0
         if not all(torch.isfinite(p).all() for p in agent.parameters()):
             raise FloatingPointError(
@@ -169,3 +179,8 @@ def _train(args: Args, run: RunDir) -> dict:
     if eval_envs is not None:
         eval_envs.close()
     return run.result()
+
+
+def round_filter(method: str) -> str:
+    """The round-level filter of a method (dtv-loo filters inside the update's minibatches: the round keeps all)."""
+    return "ppo" if method == "dtv-loo" else method

@@ -56,16 +56,62 @@ def action_targets(logp: Tensor) -> Tensor:
     return -logp
 
 
+def return_target_grads(model: nn.Module, log_prob: Callable[[nn.Module], Tensor], adv: Tensor,
+                        params: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
+    """{name: d f / d p} of the return target at the model's current parameters, for the parameters `params` selects
+    (default: all that require grad); zeros where f does not depend on one."""
+    named = {n: p for n, p in model.named_parameters() if (params(n) if params is not None else p.requires_grad)}
+    with torch.enable_grad():
+        grads = torch.autograd.grad(return_target(log_prob(model), adv), list(named.values()), allow_unused=True)
+    return {n: (g if g is not None else torch.zeros_like(p)).detach() for (n, p), g in zip(named.items(), grads)}
+
+
+def adam_precondition(grads: dict[str, Tensor], model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """P^-1 G with P = sqrt(v_hat) + eps per parameter, Adam's bias-corrected second moments: the direction Adam's
+    next step would move a gradient G (before any step, v = 0 and P = eps)."""
+    group = optimizer.param_groups[0]
+    beta2, eps = group["betas"][1], group["eps"]
+    out = {}
+    for name, p in model.named_parameters():
+        if name not in grads:
+            continue
+        state = optimizer.state.get(p, {})
+        if "exp_avg_sq" in state:
+            t = float(state["step"])
+            v_hat = state["exp_avg_sq"] / (1 - beta2 ** t)
+        else:
+            v_hat = torch.zeros_like(p)
+        out[name] = grads[name] / (v_hat.sqrt() + eps)
+    return out
+
+
+def linear_target(grads: dict[str, Tensor]) -> Callable[[nn.Module], Tensor]:
+    """A target whose gradient is `grads` (a fixed vector): t(theta) = sum_p <p, G_p>. Scoring against it gives
+    <grad l_i, G> for any given G, e.g. a preconditioned or a look-ahead target gradient."""
+    fixed = {n: g.detach() for n, g in grads.items()}
+
+    def target(model: nn.Module) -> Tensor:
+        params = dict(model.named_parameters())
+        return sum((params[n] * g).sum() for n, g in fixed.items())
+
+    return target
+
+
 def return_scores(model: nn.Module, log_prob: Callable[[nn.Module], Tensor], adv_record: Tensor, adv_target: Tensor,
-                  *, params=None, extra_targets: Callable[[nn.Module], Tensor] | None = None, **score_kwargs) -> Tensor:
+                  *, params=None, extra_targets: Callable[[nn.Module], Tensor] | None = None,
+                  target_grads: dict[str, Tensor] | None = None, **score_kwargs) -> Tensor:
     """Per-record influence on the return target at the model's current parameters: [N] (or [N, 1 + M] with
     `extra_targets(model) -> Tensor[M]`, further target losses, column 0 being the return target).
 
     score_i = <grad l_i, grad f> with l_i = -adv_record_i log pi(a_i|s_i) and f = -(1/N) sum_j adv_target_j log pi,
     summed over `params` (e.g. the actor's parameters). Both come from one forward pass through `log_prob(model)`.
+    With `target_grads` ({name: G}), grad f is replaced by that fixed vector (adv_target is then unused).
     """
     import fastattr
 
+    if target_grads is not None:
+        return fastattr.score(model, lambda m: surrogate_records(log_prob(m), adv_record),
+                              linear_target(target_grads), params=params, **score_kwargs)
     if extra_targets is None:
         def record_and_target(m):
             logp = log_prob(m)

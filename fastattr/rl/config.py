@@ -36,7 +36,8 @@ class Args:
     env_id: str = "CartPole-v1"
     """gymnasium id of the environment"""
     method: str = "ppo"
-    """ppo | iif | iif-all-neg | random: which records each round's update sees (see fastattr/filtering.py)"""
+    """ppo | iif | iif-all-neg | random | iif-reweight | iif-adam | dtv-loo: which records each update sees, and with
+    which weight (fastattr/iif.py)"""
     seed: int = 0
     """seed of the agent's init, the rollouts, the minibatch order, the random filter and the evaluation"""
     total_timesteps: int = 100_000
@@ -97,6 +98,14 @@ class Args:
     """output width of the CNN feature extractor"""
 
     # attribution
+    target: str = "return"
+    """return | lookahead: the target the scores measure against: the return target at theta(k), or the return
+    target at the parameters a plain (unfiltered) update of this round would reach"""
+    reward_noise: float = 0.0
+    """fraction of the training episodes whose rewards the agent sees sign-flipped (corrupted data; evaluation stays
+    clean)"""
+    target_kl: float = 0.0
+    """stop the round's update once a minibatch's approx. KL exceeds 1.5 x this (SB3's target_kl); 0 = never"""
     score_adv_norm: str = "minibatch"
     """minibatch | buffer | none: how A~ in the record loss is normalised (minibatch = as the update does it)"""
     save_attribution: bool = False
@@ -124,6 +133,9 @@ class Args:
     """show a tqdm progress bar"""
 
 
+# Which records an update sees (round-level filters: fastattr/filtering.py; the others: fastattr/iif.py)
+METHODS = filtering.METHODS + ("iif-reweight", "iif-adam", "dtv-loo")
+
 # Fields that do not change the results: a run dir may be resumed with different values.
 NON_SEMANTIC = ("run_dir", "resume", "progress", "threads")
 
@@ -136,6 +148,7 @@ def paper_overrides(env_id: str) -> dict:
         learning_rate=pre.learning_rate, network=pre.network, eval_episodes=pre.eval_episodes,
         eval_every=pre.eval_every, env_kwargs=dict(pre.env_kwargs), num_envs=1, n_steps=2048, batch_size=64,
         n_epochs=10, gamma=0.99, gae_lambda=0.95, clip_coef=0.2, ent_coef=0.0, vf_coef=0.5, clip_grad=False,
+        minibatch_remainder="drop",  # the official code re-batches the kept records and drops the last partial batch
     )
 
 
@@ -145,8 +158,12 @@ def validate_args(args: Args) -> Args:
         if not cond:
             raise ValueError(msg)
 
-    need(args.method in filtering.METHODS, f"--method must be one of {', '.join(filtering.METHODS)}, got "
-                                           f"{args.method!r}")
+    need(args.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    need(args.method != "iif-adam" or args.optimizer == "adam",
+         "--method iif-adam preconditions the target with Adam's second moments: it needs --optimizer adam")
+    need(args.target in ("return", "lookahead"), f"--target must be return or lookahead, got {args.target!r}")
+    need(0.0 <= args.reward_noise < 1.0, f"--reward-noise must be in [0, 1), got {args.reward_noise}")
+    need(args.target_kl >= 0.0, f"--target-kl must be >= 0 (0: off), got {args.target_kl}")
     filtering.check_p(args.p)
     for name in ("num_envs", "n_steps", "batch_size", "n_epochs", "threads", "eval_every", "hidden", "features_dim"):
         need(isinstance(getattr(args, name), int) and getattr(args, name) >= 1,

@@ -56,7 +56,9 @@ class NumpySGDStep:
         g1 = (g2 @ w1) * (1 - h1 * h1)
         return [(g1.T @ x, g1.sum(0)), (g2.T @ h1, g2.sum(0)), (g.T @ h2, g.sum(0))]
 
-    def __call__(self, mb: torch.Tensor) -> np.ndarray:
+    def __call__(self, mb: torch.Tensor, kl_limit: float | None = None) -> np.ndarray | None:
+        """The step on minibatch mb: [pg_loss, v_loss, approx_kl, clipfrac]; None (and no step) when the approx. KL
+        exceeds kl_limit."""
         a = self.args
         idx = mb.numpy()
         n = len(idx)
@@ -77,6 +79,9 @@ class NumpySGDStep:
             logp = (-0.5 * u * u - self.logstd - np.float32(0.5 * LOG_2PI)).sum(1)
         logratio = logp - self.logp_old[idx]
         ratio = np.exp(logratio)
+        approx_kl = ((ratio - 1) - logratio).mean()
+        if kl_limit is not None and approx_kl > kl_limit:
+            return None
         adv = self.adv[idx]
         if a.norm_adv and n > 1:
             adv = (adv - adv.mean()) / (adv.std(ddof=1) + np.float32(1e-8))
@@ -115,5 +120,5 @@ class NumpySGDStep:
         if "logstd" in grads:
             self.logstd -= step * grads["logstd"]
         clipfrac = (np.abs(ratio - 1.0) > a.clip_coef).mean()
-        return np.array([pg_loss, v_loss, ((ratio - 1) - logratio).mean(), clipfrac], dtype=np.float64)
+        return np.array([pg_loss, v_loss, approx_kl, clipfrac], dtype=np.float64)
 

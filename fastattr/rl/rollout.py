@@ -23,6 +23,8 @@ class RolloutState:
     rng: np.random.Generator
     """draws the rollout's actions"""
     global_step: int = 0
+    episodes: np.ndarray | None = None
+    """[num_envs] episodes started so far per env (which episodes --reward-noise corrupts derives from it)"""
 
 
 @dataclass
@@ -71,6 +73,9 @@ def collect_rollout(envs: gym.vector.VectorEnv, agent: Agent, state: RolloutStat
         low, high = envs.single_action_space.low, envs.single_action_space.high
     policy = agent.numpy_policy()
     next_obs = state.next_obs
+    if state.episodes is None:
+        state.episodes = np.zeros(E, dtype=np.int64)
+    flip = corrupted_sign(args, state.episodes) if args.reward_noise > 0 else None  # -1: this episode is corrupted
     for t in range(T):
         obs_buf[t] = next_obs
         a_np = agent.sample_actions(next_obs, state.rng, policy)
@@ -83,7 +88,8 @@ def collect_rollout(envs: gym.vector.VectorEnv, agent: Agent, state: RolloutStat
             check_finite(reward, "reward", args.env_id, state.global_step)
             check_finite(next_obs, "observation", args.env_id, state.global_step)
         done = terminated | truncated
-        rew_buf[t], done_buf[t], term_buf[t] = reward, done, terminated
+        rew_buf[t] = reward if flip is None else reward * flip
+        done_buf[t], term_buf[t] = done, terminated
         state.ep_return += reward
         state.ep_length += 1
         if done.any():
@@ -93,6 +99,9 @@ def collect_rollout(envs: gym.vector.VectorEnv, agent: Agent, state: RolloutStat
                 final = np.stack([info["final_obs"][i] for i in trunc_idx]).astype(np.float32)
                 check_finite(final, "final observation", args.env_id, state.global_step)
                 boot_buf[t, trunc_idx] = args.gamma * agent.value(torch.from_numpy(final)).numpy()
+            if flip is not None:
+                state.episodes[done] += 1
+                flip = corrupted_sign(args, state.episodes)
             for i in np.nonzero(done)[0]:
                 finished.append((float(state.ep_return[i]), int(state.ep_length[i])))
                 state.ep_return[i], state.ep_length[i] = 0.0, 0
@@ -107,6 +116,13 @@ def collect_rollout(envs: gym.vector.VectorEnv, agent: Agent, state: RolloutStat
     buf = Buffer(obs, actions, logp, values, flat(rew_buf), flat(boot_buf), flat(done_buf), flat(term_buf),
                  next_value, num_envs=E)
     return buf, finished
+
+
+def corrupted_sign(args: Args, episodes: np.ndarray) -> np.ndarray:
+    """[num_envs] -1 where the env's current episode is one of the --reward-noise fraction whose rewards the agent
+    sees sign-flipped, else +1; a fixed function of (seed, env, episode index), so resumes and reruns agree."""
+    u = np.array([derived_seed(args.seed, 0xBAD, i, int(k)) / 2**32 for i, k in enumerate(episodes)])
+    return np.where(u < args.reward_noise, -1.0, 1.0).astype(np.float32)
 
 
 def compute_gae(buf: Buffer, gamma: float, gae_lambda: float) -> Buffer:

@@ -219,6 +219,8 @@ def save_checkpoint(path: Path, *, round_: int, agent: Agent, optimizer, rngs: d
             "ep_return": torch.as_tensor(state.ep_return),
             "ep_length": torch.as_tensor(state.ep_length),
             "global_step": state.global_step,
+            "episodes": torch.as_tensor(state.episodes if state.episodes is not None else np.zeros(len(envs.envs),
+                                                                                                    dtype=np.int64)),
             "episode_start": [list(e.episode_start) for e in envs.envs],
             "episode_actions": [torch.as_tensor(np.array(e.episode_actions)) for e in envs.envs],
         },
@@ -253,8 +255,9 @@ def restore_checkpoint(ckpt: dict, agent: Agent, optimizer, rngs: dict, envs: gy
     np.random.set_state((ng[0], ng[1].numpy().astype(np.uint32), int(ng[2]), int(ng[3]), float(ng[4])))
     random.setstate(_as_tuple(rng["python"]))
     action_rng.bit_generator.state = json.loads(rng["actions"])
+    episodes = ro["episodes"].numpy().copy() if "episodes" in ro else np.zeros(len(envs.envs), dtype=np.int64)
     return RolloutState(saved_obs, ro["ep_return"].numpy().copy(), ro["ep_length"].numpy().copy(), action_rng,
-                        int(ro["global_step"]))
+                        int(ro["global_step"]), episodes)
 
 
 def _as_tuple(x):
