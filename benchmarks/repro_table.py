@@ -1,4 +1,4 @@
-"""The reproduction table of benchmarks/README.md ("PPO / IIF"), printed from `benchmarks/repro.sh`'s summaries.
+"""The reproduction table of docs/reproduction.md, printed from `benchmarks/repro.sh`'s summaries.
 
 For each paper environment with a `runs/repro/<env>/summary.json` (written by `fastattr compare`), one row with the
 paper's numbers (Fig. 6(b), 5 seeds; RT_peak also Table 5, 3 runs; final-gain CI from Table 4) and one row per

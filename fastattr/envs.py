@@ -51,7 +51,7 @@ PAPER_PRESETS: dict[str, Preset] = {
     "highway-v0": Preset(204_800, 0.5, eval_episodes=20, env_kwargs={"config": _HIGHWAY_CONFIG},
                          paper_eval_episodes=100, note="about 23 env steps/s here: ~2.5 h per run"),
     "highway-fast-v0": Preset(204_800, 0.5, eval_episodes=20, env_kwargs={"config": _HIGHWAY_CONFIG},
-                              paper_eval_episodes=100, note="stand-in for highway-v0: ~100 env steps/s, 4x faster"),
+                              paper_eval_episodes=100, note="stand-in for highway-v0, several times faster"),
     "LunarLander-v3": Preset(307_200, 0.125),
     "BipedalWalker-v3": Preset(1_024_000, 0.0625, optimizer="adam", learning_rate=3e-4, eval_episodes=20,
                                eval_every=5, paper_eval_episodes=100,
@@ -153,7 +153,7 @@ class NumpyKinematics(gym.Wrapper):
     """highway-env's Kinematics observation, computed with numpy instead of pandas: the same array, bit for bit.
 
     highway-env's `KinematicObservation.observe` builds and concatenates pandas DataFrames for five rows every step,
-    which was 43% of a highway-fast-v0 step here (12 ms of 28). After each reset this swaps the env's observation
+    which was a large share of a highway-fast-v0 step. After each reset this swaps the env's observation
     object to a subclass whose `observe` does the same arithmetic (`utils.lmap`, `np.clip`) on a float64 array
     (tests/test_envs.py compares both on random rollouts). The default ranges still come from highway-env's own
     `normalize_obs`; other observation types are left alone.

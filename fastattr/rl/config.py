@@ -83,7 +83,7 @@ class Args:
     norm_adv: bool = True
     """normalise advantages per minibatch (SB3)"""
     update_backend: str = "auto"
-    """auto | torch | numpy: the minibatch step; auto = numpy (same loss, hand-written backward, ~4x faster here)
+    """auto | torch | numpy: the minibatch step; auto = numpy (same loss, hand-written backward, faster: benchmarks/bench_ppo.py)
     for MLP agents with plain SGD, torch autograd otherwise"""
     minibatch_remainder: str = "keep"
     """keep | drop: the last partial minibatch of an epoch (SB3 keeps it; the official IIF retrain drops it)"""
