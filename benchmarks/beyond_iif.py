@@ -1,0 +1,187 @@
+"""Does attribution beat a *tuned* PPO? The contest (docs/beyond_iif.md): every method against PPO at its best
+learning rate from a sweep, in a clean and a corrupted regime, 5 seeds, with 95% CIs.
+
+    python benchmarks/beyond_iif.py run --plan doorkey5 --jobs 2      # resumable: finished runs are skipped
+    python benchmarks/beyond_iif.py table --plan doorkey5             # prints the tables from whatever finished
+
+A plan is an env with its base settings, a PPO learning-rate sweep (multiples of the base learning rate), the methods
+(run at the base learning rate: what a user gets without tuning them) and the regimes. Runs land in
+runs/beyond/<plan>/<regime>/<label>_s<seed>/ as ordinary `fastattr train` run dirs (one process each, `--resume`, so
+an interrupted plan continues where it stopped). The table picks PPO's best learning rate by its mean evaluation
+return over all evaluated rounds (the area under the learning curve), averaged over seeds, and reports every other
+label against it, paired by seed: the gain in mean return over the rounds and in final return, with 95% t-intervals,
+and the paper's SE_ave. Choosing the best PPO on the same seeds favours PPO: a method that beats it has beaten a
+slightly optimistic baseline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fastattr import analysis, metrics  # noqa: E402
+from fastattr.info import provenance  # noqa: E402
+
+LR_MULTIPLES = (1, 2, 5, 10)
+SEEDS = tuple(range(5))
+
+# method label -> extra flags (all at the base learning rate)
+METHODS = {
+    "iif": ["--method", "iif"],
+    "random": ["--method", "random"],
+    "iif-reweight": ["--method", "iif-reweight"],
+    "iif-adam": ["--method", "iif-adam"],
+    "dtv-loo": ["--method", "dtv-loo"],
+    "iif-lookahead": ["--method", "iif", "--target", "lookahead"],
+}
+
+PLANS = {
+    # MiniGrid DoorKey 5x5: the paper's MiniGrid network (CNN) with Adam (iif-adam needs it), the paper's buffer
+    "doorkey5": {
+        "env_id": "MiniGrid-DoorKey-5x5-v0", "base_lr": 3e-4,
+        "flags": ["--network", "cnn", "--optimizer", "adam", "--total-timesteps", str(60 * 2048), "--p", "0.125",
+                  "--minibatch-remainder", "drop", "--eval-episodes", "50", "--eval-every", "2"],
+        "kl": 0.02,
+    },
+    # LunarLander with the paper's preset (SGD 5e-3, 150 rounds) and Adam 1e-3 (the official code's main path)
+    "lunarlander": {
+        "env_id": "LunarLander-v3", "base_lr": 1e-3,
+        "flags": ["--preset", "paper", "--optimizer", "adam", "--eval-episodes", "50", "--eval-every", "3"],
+        "kl": 0.01,
+    },
+}
+
+
+def runs_of(plan: str, regime: str) -> dict[str, list[str]]:
+    """label -> extra flags for one regime of a plan ('clean', or 'noise' with 20% of episodes sign-flipped)."""
+    p = PLANS[plan]
+    out = {f"ppo-lr{m}x": ["--method", "ppo", "--learning-rate", f"{p['base_lr'] * m:g}"] for m in LR_MULTIPLES}
+    out.update({k: v + ["--learning-rate", f"{p['base_lr']:g}"] for k, v in METHODS.items()})
+    # the per-round step matched: PPO and IIF both stopped at the same approx. KL
+    out["ppo-kl"] = ["--method", "ppo", "--learning-rate", f"{p['base_lr']:g}", "--target-kl", str(p["kl"])]
+    out["iif-kl"] = ["--method", "iif", "--learning-rate", f"{p['base_lr']:g}", "--target-kl", str(p["kl"])]
+    if regime == "noise":  # the corrupted regime: only IIF, the most promising clean method and the PPO sweep
+        keep = {k for k in out if k.startswith("ppo-lr")} | {"iif", "iif-reweight", "dtv-loo"}
+        out = {k: v + ["--reward-noise", "0.2"] for k, v in out.items() if k in keep}
+    return out
+
+
+def run_dir(plan: str, regime: str, label: str, seed: int) -> Path:
+    return ROOT / "runs" / "beyond" / plan / regime / f"{label}_s{seed}"
+
+
+def finished(d: Path) -> bool:
+    rows = metrics_rows(d)
+    args = json.loads((d / "args.json").read_text()) if (d / "args.json").exists() else None
+    return bool(rows and args) and rows[-1]["round"] >= args["total_timesteps"] // (args["n_steps"] * args["num_envs"])
+
+
+def metrics_rows(d: Path) -> list[dict]:
+    from fastattr.store import read_jsonl
+
+    return read_jsonl(d / "metrics.jsonl")
+
+
+def run(plan: str, regimes: list[str], jobs: int, seeds) -> int:
+    todo = []
+    for regime in regimes:  # seed-major: the paired comparisons of a seed complete together
+        labels = runs_of(plan, regime)
+        todo += [(regime, label, s) for s in seeds for label in labels
+                 if not finished(run_dir(plan, regime, label, s))]
+    print(f"beyond_iif {plan}: {len(todo)} runs to go, {jobs} at a time", flush=True)
+    env_id, flags = PLANS[plan]["env_id"], PLANS[plan]["flags"]
+
+    def launch(item):
+        regime, label, seed = item
+        d = run_dir(plan, regime, label, seed)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "fastattr", "train", "--env-id", env_id, "--seed", str(seed), *flags,
+               *runs_of(plan, regime)[label], "--run-dir", str(d), "--resume", "--no-progress"]
+        with open(d.parent / f"{label}_s{seed}.log", "a") as log:
+            log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+            log.flush()
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT).returncode
+        print(f"{regime} {label} s{seed}: {'done' if rc == 0 else f'failed (exit {rc})'}", flush=True)
+        return rc
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        failed = sum(rc != 0 for rc in pool.map(launch, todo))
+    return 1 if failed else 0
+
+
+def auc(curve: metrics.Curve) -> float:
+    """Mean evaluation return over the evaluated rounds after round 0."""
+    r = curve.returns[curve.rounds > 0]
+    return float(r.mean()) if len(r) else float("nan")
+
+
+def table(plan: str, regime: str) -> str:
+    labels = runs_of(plan, regime)
+    curves: dict[str, dict[int, metrics.Curve]] = {}
+    for label in labels:
+        for s in SEEDS:
+            d = run_dir(plan, regime, label, s)
+            if finished(d):
+                curves.setdefault(label, {})[s] = metrics.curve_from_rows(metrics_rows(d))
+    sweep = {k: v for k, v in curves.items() if k.startswith("ppo-lr")}
+    if not sweep:
+        return f"## {plan} / {regime}: no finished PPO run yet\n"
+    best = max(sweep, key=lambda k: np.mean([auc(c) for c in sweep[k].values()]))
+    summary = metrics.summarize(curves, baseline=best)
+    lines = [f"## {PLANS[plan]['env_id']} / {regime}: against `{best}` (the best PPO learning rate of the sweep)", "",
+             "| label | seeds | mean return over rounds | gain vs best PPO (95% CI) | final return | final gain (95% CI) | "
+             "SE_ave |", "|---|---|---|---|---|---|---|"]
+    for label, runs in curves.items():
+        a = analysis.t_ci([auc(c) for c in runs.values()]) if len(runs) > 1 else None
+        mean_auc = np.mean([auc(c) for c in runs.values()])
+        paired = sorted(set(runs) & set(curves[best]))
+        gain = analysis.t_ci([auc(runs[s]) - auc(curves[best][s]) for s in paired]) if len(paired) > 1 else None
+        e = summary["methods"][label]
+        fr = e["final_return"]
+        fg = e.get("final_gain")
+        se = e.get("se_ave")
+
+        def ci(c):
+            return f"{c.mean:+.3g} [{c.lo:+.3g}, {c.hi:+.3g}]" if c is not None and np.isfinite(c.lo) else "–"
+
+        lines.append(f"| {label} | {len(runs)} | {mean_auc:.3g}" + (f" ± {(a.hi - a.lo) / 2:.2g}" if a else "")
+                     + f" | {ci(gain) if label != best else '–'} | {fr['mean']:.3g} | "
+                     + (f"{fg['mean']:+.3g} [{fg['ci_low']:+.3g}, {fg['ci_high']:+.3g}]"
+                        if fg and np.isfinite(fg["ci_low"]) else "–")
+                     + f" | {metrics._pct(se) if se else '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["run", "table"])
+    p.add_argument("--plan", choices=sorted(PLANS), default="doorkey5")
+    p.add_argument("--regimes", default="clean,noise", help="clean, noise (20%% of episodes sign-flipped)")
+    p.add_argument("--seeds", default="0-4")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    a = p.parse_args()
+    from fastattr.runinfo import parse_seeds
+
+    regimes = [r for r in a.regimes.split(",") if r]
+    if a.command == "run":
+        return run(a.plan, regimes, a.jobs, parse_seeds(a.seeds))
+    meta = provenance()
+    print(f"# beyond_iif {a.plan}  torch {meta['torch']}  commit {meta['commit']}  {meta['machine']}  "
+          f"{time.strftime('%Y-%m-%d')}\n")
+    for regime in regimes:
+        print(table(a.plan, regime))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
