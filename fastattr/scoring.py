@@ -349,6 +349,112 @@ def _used_outside(roots: list[Tensor], layers: list[Layer], side: str) -> dict[i
     return found
 
 
+# Autograd nodes whose every output row depends on the same row of each input, when the input has the output's rank and
+# its leading dimension (elementwise ops, casts, broadcasting within a row)
+_ROWWISE = {
+    "AbsBackward0", "AddBackward0", "AddBackward1", "ClampBackward1", "ClampMaxBackward0", "ClampMinBackward0",
+    "CloneBackward0", "CosBackward0", "DivBackward0", "DivBackward1", "EluBackward0", "ExpBackward0", "Expm1Backward0",
+    "ExpandBackward0", "GeluBackward0", "HardtanhBackward0", "LeakyReluBackward0", "Log1pBackward0", "LogBackward0",
+    "MaskedFillBackward0", "MaximumBackward0", "MinimumBackward0", "MseLossBackward0", "MulBackward0",
+    "MulBackward1", "NegBackward0", "PowBackward0", "ReciprocalBackward0", "ReluBackward0", "RsqrtBackward0",
+    "RsubBackward0", "RsubBackward1", "SigmoidBackward0", "SiluBackward0", "SinBackward0", "SoftplusBackward0",
+    "SqrtBackward0", "SubBackward0", "SubBackward1", "TanhBackward0", "ToCopyBackward0", "WhereBackward0",
+}
+# Reshapes that keep the leading dimension keep rows apart (row-major order maps block i to block i)
+_ROW_RESHAPE = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"}
+# ... and those where it holds when the op's dimension(s) are not 0 (the record dimension)
+_ROWWISE_IF_NOT_DIM0 = {"LogSoftmaxBackward0", "SoftmaxBackward0", "LogsumexpBackward0", "SumBackward1",
+                        "MeanBackward1", "GatherBackward0", "SqueezeBackward1", "UnsqueezeBackward0", "SelectBackward0",
+                        "SliceBackward0", "CatBackward0", "TransposeBackward0", "PermuteBackward0"}
+# ... and those where it holds for the input at this position only (the other inputs are shared across rows)
+_ROWWISE_INPUT = {"AddmmBackward0": 1, "MmBackward0": 0, "ConvolutionBackward0": 0, "NativeLayerNormBackward0": 0,
+                  "NllLossBackward0": 0, "BmmBackward0": None}  # bmm: both inputs are batched by row
+
+
+def _dims(node, rank: int) -> list[int]:
+    """The dimension(s) a dimension-taking op works on, normalised to [0, rank) (permute: [0] unless dimension 0
+    stays first; an op whose dimension cannot be read, or that reduces every dimension: [0])."""
+    def norm(d) -> int:
+        d = int(d)
+        d = d - 2**64 if d >= 2**63 else d  # a negative dim comes back as an unsigned 64-bit integer
+        return d % rank if rank else 0
+
+    if hasattr(node, "_saved_dims"):
+        return [] if norm(node._saved_dims[0]) == 0 else [0]
+    if hasattr(node, "_saved_dim0"):
+        return [norm(node._saved_dim0), norm(node._saved_dim1)]
+    dim = getattr(node, "_saved_dim", None)
+    dims = list(dim) if isinstance(dim, (tuple, list)) else [] if dim is None else [dim]
+    return [norm(d) for d in dims] or [0]
+
+
+def _row_edge(node, k: int, in_shape: torch.Size, out_shape: torch.Size, n: int) -> bool:
+    """Whether each output row of `node` depends only on input rows of the same record, through its k-th input.
+
+    A tensor on the way has a leading dimension of n * k rows, records-major (reshapes never move data, so a view of
+    [N, T, d] as [N * T, d] keeps each record's rows together): an op that keeps rows apart keeps records apart."""
+    if len(in_shape) == 0 or len(out_shape) == 0 or in_shape[0] % n or out_shape[0] % n or in_shape[0] == 0:
+        return False
+    name = type(node).__name__
+    if name in _ROW_RESHAPE:
+        return True
+    if in_shape[0] != out_shape[0]:
+        return False
+    if name in _ROWWISE:
+        return len(in_shape) == len(out_shape)
+    if name in _ROWWISE_IF_NOT_DIM0:
+        index = getattr(node, "_saved_index", None) if name == "GatherBackward0" else None
+        if index is not None and (index.dim() == 0 or int(index.shape[0]) != int(out_shape[0])):
+            return False
+        return 0 not in _dims(node, len(in_shape))
+    if name in _ROWWISE_INPUT:
+        if name == "NllLossBackward0" and int(node._saved_reduction) != 0:
+            return False
+        if name == "NativeLayerNormBackward0" and len(node._saved_normalized_shape) >= len(in_shape):
+            return False
+        return _ROWWISE_INPUT[name] is None or _ROWWISE_INPUT[name] == k
+    return False
+
+
+def _rows_local_by_structure(losses: Tensor, calls: list[Call]) -> bool:
+    """A proof, from the autograd graph alone, that record i's loss depends on row i of each call's output only: every
+    edge on every path from the losses to a captured output is one of a few ops known to keep rows apart (elementwise
+    ops, reductions and softmaxes over other dimensions, the row operand of a matmul or convolution, ...). False means
+    "not proven" (an op outside the list, a broadcast of a shared row, a reshape of the record dimension): the
+    numeric check then decides. Saves that check's backward for the usual RL losses."""
+    n = losses.shape[0] if losses.dim() == 1 else -1
+    targets = {c.y.grad_fn for c in calls if c.y.grad_fn is not None}
+    root = losses.grad_fn
+    if n < 0 or root is None or not targets:
+        return False
+    reaches: dict = {}  # node -> whether a captured output is reachable from it
+    stack = [(root, False)]
+    while stack:  # iterative post-order
+        node, expanded = stack.pop()
+        if node in reaches:
+            continue
+        kids = [k for k, _ in node.next_functions if k is not None]
+        if not expanded:
+            stack.append((node, True))
+            stack.extend((k, False) for k in kids if k not in reaches)
+            continue
+        reaches[node] = node in targets or any(reaches.get(k, False) for k in kids)
+    if not reaches.get(root):
+        return True  # the losses depend on no captured output at all
+    for node, hit in reaches.items():
+        if not hit:
+            continue
+        meta = node._input_metadata
+        if len(meta) != 1:  # several outputs (split, unbind, ...): not in the list
+            return False
+        out_shape = meta[0].shape
+        for k, (kid, idx) in enumerate(node.next_functions):
+            if kid is not None and reaches.get(kid) and not _row_edge(node, k, kid._input_metadata[idx].shape,
+                                                                      out_shape, n):
+                return False
+    return True
+
+
 def _record_weights(n: int, units: Tensor | None, dtype: torch.dtype, device) -> Tensor:
     """Random powers of two per record (equal within a unit), from a fixed seed: [n]. Half precision keeps a narrow
     range so that weighted gradients cannot overflow."""
@@ -609,9 +715,13 @@ class _Job:
         reverse = dict(zip(generic, grads))
         units = self.units
         n_units = self.losses.shape[0] if units is None else (int(units.max()) + 1 if units.numel() else 0)
-        if self.check_locality and n_units > 1 and plan.layers:
-            pairs = [(layer, c, g) for layer in plan.layers for c, g in zip(layer.calls, out[id(layer)])
-                     if g is not None]
+        pairs = [(layer, c, g) for layer in plan.layers for c, g in zip(layer.calls, out[id(layer)]) if g is not None]
+        self.locality = "not needed"
+        if self.check_locality and n_units > 1 and pairs:
+            # the graph proves it for the usual losses; else one backward under record weights decides
+            self.locality = "proven by the graph" if _rows_local_by_structure(self.losses, [c for _, c, _ in pairs]) \
+                else "checked numerically"
+        if self.locality == "checked numerically":
             weights = _record_weights(self.losses.shape[0], units, self.losses.dtype, self.losses.device)
             bad = _mixing(self.losses, pairs, weights) if pairs else {}
             for layer, row in bad.values():
