@@ -56,13 +56,13 @@ def retrain_and_evaluate(run, args, k: int, buf, keep: torch.Tensor, seed: int, 
     agent, optimizer = runinfo.load_theta(run, k, args)
     generator = torch.Generator().manual_seed(derived_seed(seed, k, 0x7E7A))
     t0 = time.perf_counter()
-    upd = ppo_update(agent, optimizer, buf, keep, args, generator)
+    losses = ppo_update(agent, optimizer, buf, keep, args, generator)
     update_s = time.perf_counter() - t0
     ev = evaluate(agent, eval_envs, episodes, seed, 100_000 + k)  # same episodes for every arm of this seed
     from .validate import return_objective
     return {"return": ev["eval_return"], "return_std": ev["eval_return_std"], "update_seconds": update_s,
-            "target": return_objective(agent, buf), "approx_kl": upd["approx_kl"],
-            "optimizer_steps": upd["optimizer_steps"]}
+            "target": return_objective(agent, buf), "approx_kl": losses["approx_kl"],
+            "optimizer_steps": losses["optimizer_steps"]}
 
 
 def intervene(run_dir, rounds: list[int], seeds: list[int], episodes: int | None = None, p: float | None = None,

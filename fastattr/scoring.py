@@ -63,7 +63,7 @@ class _Plan:
         return next(k for k, q in self.params.items() if q is p)
 
     @property
-    def generic(self) -> dict[str, nn.Parameter]:
+    def general(self) -> dict[str, nn.Parameter]:
         """Selected parameters scored by the general (JVP) path."""
         fast = {id(p) for layer in self.layers for p in layer.params()}
         return {n: p for n, p in self.params.items() if id(p) not in fast}
@@ -527,12 +527,12 @@ def _modules_of(param_names) -> list[str]:
     return sorted({n.rsplit(".", 1)[0] if "." in n else "(the model itself)" for n in param_names})
 
 
-def _jvp_records(model: nn.Module, record_fn, generic: dict[str, nn.Parameter], tangents: list[Tensor],
+def _jvp_records(model: nn.Module, record_fn, general: dict[str, nn.Parameter], tangents: list[Tensor],
                  why: dict[str, str]) -> Tensor:
-    """(d record_losses / d generic params) . tangents, by one forward-mode pass (score = J G)."""
-    names = list(generic)
+    """(d record_losses / d general-path params) . tangents, by one forward-mode pass (score = J G)."""
+    names = list(general)
     wrapper = _Closure(model, record_fn)
-    primals = tuple(generic[n].detach() for n in names)
+    primals = tuple(general[n].detach() for n in names)
 
     def f(*ps):
         return torch.func.functional_call(wrapper, {"model." + n: p for n, p in zip(names, ps)}, ())
@@ -598,11 +598,11 @@ class _Job:
     """The state of one score() call: the captured forward, the plan, the losses and the target."""
 
     def __init__(self, model, plan: _Plan, record_loss, target_loss, *, reduce, units, chunk, dtype,
-                 check_locality: bool, process_group):
+                 check_locality: bool, process_group, backend: str = "auto"):
         self.model, self.plan = model, plan
         self.record_loss, self.target_loss, self.joint = record_loss, target_loss, target_loss is None
         self.reduce, self.units_arg, self.chunk, self.dtype = reduce, units, chunk, dtype
-        self.check_locality, self.pg = check_locality, process_group
+        self.check_locality, self.pg, self.backend = check_locality, process_group, backend
         self.acc = reference.score_dtype(dtype)
 
     # ---- the closures -----------------------------------------------------------------------------------------------
@@ -701,18 +701,18 @@ class _Job:
             plan.to_general(layer, "has a parameter used outside the module's own calls (e.g. "
                                    "F.linear(x, module.weight), a regulariser, or a forward hook)", only=param)
 
-    def output_grads(self, generic_reverse: bool = True):
+    def output_grads(self, general_reverse: bool = True):
         """Per layer, per call: d(sum of record losses)/d(output) (None where nothing depends on a call), after the
         row-locality check (layers that fail it go to the general path), and the reverse-mode gradients of the
-        generic parameters ({name: grad}) for the JVP cross-check."""
+        general-path parameters ({name: grad}) for the JVP cross-check."""
         plan = self.plan
-        generic = plan.generic if generic_reverse else {}
+        general = plan.general if general_reverse else {}
         ys = [c.y for layer in plan.layers for c in layer.calls if c.y.requires_grad]
-        inputs = ys + list(generic.values())
+        inputs = ys + list(general.values())
         grads = list(torch.autograd.grad(self.losses.sum(), inputs, allow_unused=True, retain_graph=True)) \
             if inputs else []
         out = {id(layer): [grads.pop(0) if c.y.requires_grad else None for c in layer.calls] for layer in plan.layers}
-        reverse = dict(zip(generic, grads))
+        reverse = dict(zip(general, grads))
         units = self.units
         n_units = self.losses.shape[0] if units is None else (int(units.max()) + 1 if units.numel() else 0)
         pairs = [(layer, c, g) for layer in plan.layers for c, g in zip(layer.calls, out[id(layer)]) if g is not None]
@@ -728,8 +728,8 @@ class _Job:
                 plan.to_general(layer, f"mixes records: the losses of other records depend on row {row} of its output "
                                        "(a loss normalised over the batch, a target taken from another row, or batch "
                                        "statistics computed in forward)")
-            if bad and generic_reverse:
-                missing = {k: p for k, p in plan.generic.items() if k not in reverse}
+            if bad and general_reverse:
+                missing = {k: p for k, p in plan.general.items() if k not in reverse}
                 got = torch.autograd.grad(self.losses.sum(), list(missing.values()), allow_unused=True,
                                           retain_graph=True)
                 reverse.update(zip(missing, got))
@@ -761,12 +761,12 @@ class _Job:
                 Gl["weight"] = G[plan.name_of(layer.module.weight)]
             if layer.use_bias and G[plan.name_of(layer.module.bias)] is not None:
                 Gl["bias"] = G[plan.name_of(layer.module.bias)]
-            total += ghost.aggregated(layer, grads[id(layer)], Gl, rows, self.dtype, self.chunk)
-        generic = {k: p for k, p in plan.generic.items() if G[k] is not None}
-        if generic and rows > 0:
-            jv = _jvp_records(self.model, self.record_fn, generic, [G[k].detach() for k in generic], plan.why)
+            total += ghost.aggregated(layer, grads[id(layer)], Gl, rows, self.dtype, self.chunk, self.backend)
+        general = {k: p for k, p in plan.general.items() if G[k] is not None}
+        if general and rows > 0:
+            jv = _jvp_records(self.model, self.record_fn, general, [G[k].detach() for k in general], plan.why)
             jv = jv.detach().reshape(rows)
-            _check_jvp(jv, reverse, {k: G[k].detach() for k in generic}, plan.why)
+            _check_jvp(jv, reverse, {k: G[k].detach() for k in general}, plan.why)
             total += jv.to(total.dtype)
         return total
 
@@ -792,16 +792,16 @@ class _Job:
             out = _all_reduce(out, params, self.pg)
         return out
 
-    def jvp_columns(self, generic: dict[str, nn.Parameter], reverse: dict, Gm: dict[str, Tensor] | None = None) \
+    def jvp_columns(self, general: dict[str, nn.Parameter], reverse: dict, Gm: dict[str, Tensor] | None = None) \
             -> Tensor:
-        """[R, M]: column m = (d record_losses / d generic) . grad t_m, cross-checked against reverse mode. Gm: the
+        """[R, M]: column m = (d record_losses / d general-path params) . grad t_m, cross-checked against reverse mode. Gm: the
         per-target gradients when already formed."""
-        Gm = Gm if Gm is not None else self.per_target_grads(generic)
-        tangents = [Gm[k].detach() for k in generic]
-        cols = [_jvp_records(self.model, self.record_fn, generic, [g[i] for g in tangents], self.plan.why).detach()
+        Gm = Gm if Gm is not None else self.per_target_grads(general)
+        tangents = [Gm[k].detach() for k in general]
+        cols = [_jvp_records(self.model, self.record_fn, general, [g[i] for g in tangents], self.plan.why).detach()
                 .reshape(-1) for i in range(self.target.shape[0])]
         jv = torch.stack(cols, 1)
-        _check_jvp(jv, reverse, dict(zip(generic, tangents)), self.plan.why)
+        _check_jvp(jv, reverse, dict(zip(general, tangents)), self.plan.why)
         return jv
 
     def pairwise(self, reduce: str) -> Tensor:
@@ -835,8 +835,8 @@ class _Job:
                                                                                 device=x_b.device)
             xa.append(x_a.to(self.dtype)), ga.append(g_a.to(self.dtype))
             xb.append(x_b.to(self.dtype)), gb.append(g_b.to(self.dtype))
-        generic = plan.generic
-        extra_needed = bool(embeddings) or bool(generic)
+        general = plan.general
+        extra_needed = bool(embeddings) or bool(general)
         op_reduce = "none" if extra_needed else reduce
         result = torch.zeros((rows, m_targets) if op_reduce == "none" else (rows,), dtype=self.acc,
                              device=self.losses.device)
@@ -844,15 +844,16 @@ class _Job:
             for s in range(0, rows, self.chunk):
                 with for_kernels():
                     result[s:s + self.chunk] = ops.grad_sim_reduce(
-                        [x[s:s + self.chunk] for x in xa], [g[s:s + self.chunk] for g in ga], xb, gb, op_reduce)
+                        [x[s:s + self.chunk] for x in xa], [g[s:s + self.chunk] for g in ga], xb, gb, op_reduce,
+                        backend=self.backend)
         elif op_reduce != "none" and rows > 0:
             result = reference.reduce_sim(torch.zeros(rows, m_targets, dtype=self.acc, device=result.device), reduce)
         for layer, rg, tg in embeddings:
             tlayer = layer if not self.joint else Layer(layer.name, layer.module, layer.use_weight, layer.use_bias,
                                                         layer.calls, layer.calls)
             result += ghost.embedding_pairwise(tlayer, rg, tg, rows, m_targets, self.dtype, self.chunk).to(self.acc)
-        if generic and rows > 0:
-            result += self.jvp_columns(generic, reverse).to(self.acc)
+        if general and rows > 0:
+            result += self.jvp_columns(general, reverse).to(self.acc)
         if extra_needed:
             result = reference.reduce_sim(result, reduce)
         return result
@@ -923,9 +924,10 @@ class _Job:
                     G["weight"] = gw[mi]
                 if gbias is not None:
                     G["bias"] = gbias[mi]
-                result[:, mi] += ghost.aggregated(layer, grads[id(layer)], G, rows, self.dtype, self.chunk).to(self.acc)
-        if plan.generic and rows > 0:
-            result += self.jvp_columns(plan.generic, reverse, Gm).to(self.acc)
+                result[:, mi] += ghost.aggregated(layer, grads[id(layer)], G, rows, self.dtype, self.chunk,
+                                                  self.backend).to(self.acc)
+        if plan.general and rows > 0:
+            result += self.jvp_columns(plan.general, reverse, Gm).to(self.acc)
         return reference.reduce_sim(result, reduce)
 
     # ---- check=True ---------------------------------------------------------------------------------------------
@@ -1017,6 +1019,7 @@ def score(
     check_locality: bool = True,
     deterministic: bool = True,
     process_group=None,
+    backend: str = "auto",
 ) -> Tensor:
     """Exact attribution scores of N records against one or M targets.
 
@@ -1047,6 +1050,9 @@ def score(
         process_group: a torch.distributed process group: every rank passes its own records, the target gradient is
             the sum over ranks of each rank's target gradient (a global mean target: each rank returns its local sum
             divided by the global record count), and each rank gets its own records' scores. Every rank must call.
+        backend: how the fast paths contract: 'auto' (per op, device, dtype and shape, the path measured fastest:
+            fastattr.ops.choose), 'kernel' (the compiled kernels; a ScoringError when they are not built), 'eager'
+            (GEMMs in eager torch) or 'reference' (fastattr.reference). The scores are the same to rounding.
 
     Returns:
         Tensor[N] or Tensor[N, M] (per position: [N, T] or [N, T, M]; with units: [U] or [U, M]):
@@ -1058,7 +1064,7 @@ def score(
     """
     return _score(model, record_loss, target_loss, params=params, reduce=reduce, units=units, chunk_size=chunk_size,
                   dtype=dtype, check=check, check_locality=check_locality, deterministic=deterministic,
-                  process_group=process_group)[0]
+                  process_group=process_group, backend=backend)[0]
 
 
 @dataclass
@@ -1088,7 +1094,7 @@ def explain(model: nn.Module, record_loss, target_loss=None, **kwargs) -> Explan
 
 
 def _score(model, record_loss, target_loss=None, *, params=None, reduce="none", units=None, chunk_size=4096,
-           dtype=None, check=False, check_locality=True, deterministic=True, process_group=None):
+           dtype=None, check=False, check_locality=True, deterministic=True, process_group=None, backend="auto"):
     if not isinstance(model, nn.Module):
         raise ScoringError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(record_loss):
@@ -1099,13 +1105,20 @@ def _score(model, record_loss, target_loss=None, *, params=None, reduce="none", 
         raise ScoringError(f"reduce must be one of {REDUCE_OVER_M}, got {reduce!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ScoringError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if backend not in ops.BACKENDS:
+        raise ScoringError(f"backend must be one of {ops.BACKENDS}, got {backend!r}")
     inner, sync = _unwrap(model)
     plan = _plan(inner, params)
     dtype = dtype or next(iter(plan.params.values())).dtype
     if not dtype.is_floating_point:
         raise ScoringError(f"dtype must be a floating-point dtype, got {dtype}")
+    device = next(iter(plan.params.values())).device
+    missing = [op for op in ("grad_dot", "grad_sim_reduce") if not ops.has_kernel(op, device)]
+    if backend == "kernel" and missing:
+        raise ScoringError(f"backend='kernel' but no {device.type} kernel for {', '.join(missing)} is built; rebuild "
+                           "fastattr (pip install --no-build-isolation -e .) or use backend='auto'")
     job = _Job(inner, plan, record_loss, target_loss, reduce=reduce, units=units, chunk=chunk_size, dtype=dtype,
-               check_locality=check_locality, process_group=process_group)
+               check_locality=check_locality, process_group=process_group, backend=backend)
     with pinned(deterministic), _RequireGrad(plan.params.values()), torch.enable_grad(), sync:
         error = None
         try:

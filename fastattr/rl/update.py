@@ -46,7 +46,7 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, buf: Buffer, keep
     n = buf.n
     keep = torch.ones(n, dtype=torch.bool) if keep is None else keep
     kept_idx = keep.nonzero().squeeze(1)
-    order1 = epoch1_order[keep[epoch1_order]] if epoch1_order is not None else None
+    kept_epoch1 = epoch1_order[keep[epoch1_order]] if epoch1_order is not None else None
     plain = weights is None and args.method != "dtv-loo"
     use_numpy = plain and (args.update_backend == "numpy" or (args.update_backend == "auto" and
                                                               NumpySGDStep.supports(agent, optimizer)))
@@ -56,7 +56,7 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, buf: Buffer, keep
     step = NumpySGDStep(agent, optimizer, buf, args) if use_numpy else TorchStep(agent, optimizer, buf, args, weights)
     sums, steps, seen, dropped = np.zeros(4), 0, 0, 0  # pg_loss, v_loss, approx_kl, clipfrac
     kl_limit = 1.5 * args.target_kl if args.target_kl > 0 else None
-    for mb in minibatches(order1, kept_idx, args, generator):
+    for mb in minibatches(kept_epoch1, kept_idx, args, generator):
         stats = step(mb, kl_limit)
         if stats is None:  # the approx. KL passed the limit: no step, and the update ends here
             break
