@@ -11,7 +11,6 @@ from fastattr import iif, ppo, targets
 from fastattr.rl.agent import Agent, make_optimizer
 from fastattr.rl.config import Args, paper_overrides
 from fastattr.rl.update import TorchStep, lookahead_target_grads, ppo_update
-from fastattr.testing import brute_force_scores
 
 TINY = dict(env_id="CartPole-v1", n_steps=64, batch_size=16, n_epochs=2, eval_episodes=2, progress=False,
             total_timesteps=192)

@@ -7,11 +7,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Annotated
 
-import numpy as np
 from tyro.constructors import PrimitiveConstructorSpec
 
 from .. import envs as envs_lib
 from .. import filtering
+from ..seeds import derived_seed  # noqa: F401  (re-exported for the loop)
 
 
 def _json_object(strings: list[str]) -> dict:
@@ -203,11 +203,6 @@ def validate_args(args: Args) -> Args:
     return args
 
 
-
-
-def derived_seed(*parts: int) -> int:
-    """A 32-bit seed derived from integers (numpy SeedSequence): independent streams for independent purposes."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
 def train_env_seeds(args: Args) -> int | list[int]:
