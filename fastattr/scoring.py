@@ -582,8 +582,10 @@ def _check_jvp(jv: Tensor, reverse: dict[str, Tensor | None], tangents: dict[str
             f"the general (forward-mode JVP) path for module(s) {_modules_of(tangents)} disagrees with reverse mode: "
             f"scores sum to {got.tolist()[:4]} but the gradients give {expect.tolist()[:4]}. Usually a "
             "torch.no_grad() block inside record_loss (forward-mode AD ignores it: compute that value with .detach() "
-            "or outside record_loss), or randomness in the forward, which the JVP pass draws anew (dropout in "
-            f"training mode: call model.eval()).{_reasons(why, tangents)}"
+            "or outside record_loss), randomness in the forward, which the JVP pass draws anew (dropout in training "
+            "mode: call model.eval()), or arithmetic in a lower precision than the scores (autocast, or a layer that "
+            "computes in float32 inside a float64 model, as some RMSNorm implementations do: score outside autocast, "
+            f"in the precision the model computes in).{_reasons(why, tangents)}"
         )
 
 
