@@ -80,9 +80,11 @@ class TorchStep:
     def __init__(self, agent: Agent, optimizer, buf: Buffer, args: Args, weights: torch.Tensor | None = None):
         self.agent, self.optimizer, self.buf, self.args, self.weights = agent, optimizer, buf, args, weights
 
-    def _policy_losses(self, agent: Agent, mb: torch.Tensor, entropy: bool = False, newlogp: torch.Tensor = None):
+    def _policy_losses(self, agent: Agent, mb: torch.Tensor, entropy: bool = False, newlogp: torch.Tensor = None,
+                       norm_over: torch.Tensor | None = None):
         """(per-record clipped-surrogate losses [b], log-ratio, ratio, entropy, V) on minibatch mb (from the given
-        log-probabilities, when given: then entropy and V are None)."""
+        log-probabilities, when given: then entropy and V are None). Advantages are normalised over the records
+        `norm_over` (default: mb itself)."""
         buf, args = self.buf, self.args
         ent = newvalue = None
         if newlogp is None:
@@ -90,8 +92,9 @@ class TorchStep:
         logratio = newlogp - buf.logp[mb]
         ratio = logratio.exp()
         adv = buf.advantages[mb]
-        if args.norm_adv and len(mb) > 1:
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+        ref = buf.advantages[mb if norm_over is None else norm_over]
+        if args.norm_adv and len(ref) > 1:
+            adv = (adv - ref.mean()) / (ref.std() + 1e-8)
         per = -torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef))
         return per, logratio, ratio, ent, newvalue
 
@@ -116,11 +119,11 @@ class TorchStep:
 
     def __call__(self, mb: torch.Tensor, kl_limit: float | None = None) -> np.ndarray | None:
         agent, args = self.agent, self.args
-        n_in = len(mb)
-        if args.method == "dtv-loo":
+        full = mb
+        if args.method == "dtv-loo":  # the kept records keep the advantages they were scored with
             mb = self.dtv_loo_keep(mb)
         need_entropy = args.ent_coef != 0.0  # the paper's ent_coef is 0: skip the entropy graph
-        per, logratio, ratio, entropy, newvalue = self._policy_losses(agent, mb, need_entropy)
+        per, logratio, ratio, entropy, newvalue = self._policy_losses(agent, mb, need_entropy, norm_over=full)
         with torch.no_grad():
             approx_kl = ((ratio - 1) - logratio).mean()
         if kl_limit is not None and float(approx_kl) > kl_limit:
@@ -140,7 +143,7 @@ class TorchStep:
         self.optimizer.step()
         with torch.no_grad():
             return np.array([float(pg_loss), float(v_loss), float(approx_kl),
-                             float(((ratio - 1.0).abs() > args.clip_coef).float().mean()), n_in - len(mb)])
+                             float(((ratio - 1.0).abs() > args.clip_coef).float().mean()), len(full) - len(mb)])
 
 
 def lookahead_target_grads(agent: Agent, optimizer: torch.optim.Optimizer, buf: Buffer, args: Args,
