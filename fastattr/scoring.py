@@ -359,16 +359,23 @@ _ROWWISE = {
     "MulBackward1", "NegBackward0", "PowBackward0", "ReciprocalBackward0", "ReluBackward0", "RsqrtBackward0",
     "RsubBackward0", "RsubBackward1", "SigmoidBackward0", "SiluBackward0", "SinBackward0", "SoftplusBackward0",
     "SqrtBackward0", "SubBackward0", "SubBackward1", "TanhBackward0", "ToCopyBackward0", "WhereBackward0",
+    "AliasBackward0",
 }
 # Reshapes that keep the leading dimension keep rows apart (row-major order maps block i to block i)
 _ROW_RESHAPE = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"}
 # ... and those where it holds when the op's dimension(s) are not 0 (the record dimension)
 _ROWWISE_IF_NOT_DIM0 = {"LogSoftmaxBackward0", "SoftmaxBackward0", "LogsumexpBackward0", "SumBackward1",
                         "MeanBackward1", "GatherBackward0", "SqueezeBackward1", "UnsqueezeBackward0", "SelectBackward0",
-                        "SliceBackward0", "CatBackward0", "TransposeBackward0", "PermuteBackward0"}
+                        "SliceBackward0", "CatBackward0", "TransposeBackward0", "PermuteBackward0",
+                        "SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0"}
+# ops with several outputs, each a piece along one dimension: rows stay apart when it is not 0
+_SPLITS = {"SplitBackward0", "SplitWithSizesBackward0", "UnbindBackward0"}
 # ... and those where it holds for the input at this position only (the other inputs are shared across rows)
 _ROWWISE_INPUT = {"AddmmBackward0": 1, "MmBackward0": 0, "ConvolutionBackward0": 0, "NativeLayerNormBackward0": 0,
-                  "NllLossBackward0": 0, "BmmBackward0": None}  # bmm: both inputs are batched by row
+                  "NllLossBackward0": 0, "BmmBackward0": None,  # bmm: both inputs are batched by row
+                  # attention mixes positions within a batch entry, never across entries (q, k, v all batched)
+                  "ScaledDotProductFlashAttentionForCpuBackward0": None, "ScaledDotProductFlashAttentionBackward0": None,
+                  "ScaledDotProductEfficientAttentionBackward0": None, "ScaledDotProductCudnnAttentionBackward0": None}
 
 
 def _dims(node, rank: int) -> list[int]:
@@ -445,8 +452,9 @@ def _rows_local_by_structure(losses: Tensor, calls: list[Call]) -> bool:
         if not hit:
             continue
         meta = node._input_metadata
-        if len(meta) != 1:  # several outputs (split, unbind, ...): not in the list
-            return False
+        if len(meta) != 1 and (type(node).__name__ not in _SPLITS or len({int(m.shape[0]) if len(m.shape) else -1
+                                                                            for m in meta}) != 1):
+            return False  # several outputs, other than pieces with the same rows
         out_shape = meta[0].shape
         for k, (kid, idx) in enumerate(node.next_functions):
             if kid is not None and reaches.get(kid) and not _row_edge(node, k, kid._input_metadata[idx].shape,
