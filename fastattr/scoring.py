@@ -37,8 +37,9 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_map
 
-from . import ghost, ops, reference
+from . import affine, ghost, ops, reference
 from .ghost import Call, Layer
 from .threads import for_kernels, pinned
 
@@ -128,7 +129,7 @@ def _plan(model: nn.Module, params) -> _Plan:
     # both, and neither module's capture sees the other's use: such parameters go to the general path.
     owners: dict[int, int] = {}
     for m in model.modules():
-        if ghost.kind_of(m) is not None:
+        if ghost.kind_of(m) is not None or affine.is_candidate(m):
             for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
                 if isinstance(p, nn.Parameter):
                     owners[id(p)] = owners.get(id(p), 0) + 1
@@ -140,7 +141,7 @@ def _plan(model: nn.Module, params) -> _Plan:
                 "statistics and updates its running statistics on every forward; call model.eval() (or the "
                 "module's .eval()) before scoring"
             )
-        kind = ghost.kind_of(m)
+        kind = ghost.kind_of(m) or ("affine" if affine.is_candidate(m) else None)
         if kind is None:
             continue
         w, b = getattr(m, "weight", None), getattr(m, "bias", None)
@@ -159,7 +160,7 @@ def _plan(model: nn.Module, params) -> _Plan:
                 "table during the forward), so per-record scores are not defined; disable it or exclude the "
                 "module with `params`"
             )
-        layers.append(Layer(name, m, use_w, use_b))
+        layers.append((affine.AffineLayer if kind == "affine" else Layer)(name, m, use_w, use_b))
     return _Plan(chosen, layers, why)
 
 
@@ -184,6 +185,8 @@ class _Capture:
     def __enter__(self):
         for layer in self.layers:
             layer.calls, layer.target_calls = [], []
+            if isinstance(layer, affine.AffineLayer):
+                layer.inputs = []
             self.handles.append(layer.module.register_forward_hook(self._hook(layer), with_kwargs=True, prepend=True))
         return self
 
@@ -196,6 +199,9 @@ class _Capture:
                       and x.shape[0] == 1 and output.shape[0] == 1)
             y = output.expand(self.expand_to, *output.shape[1:]) if expand else output
             xs = x.expand(self.expand_to, *x.shape[1:]) if expand else x
+            if isinstance(layer, affine.AffineLayer) and self.phase == "records":  # to call the module again
+                layer.inputs.append(tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t,
+                                             (args, kwargs)))
             if self.clone:
                 calls.append(Call(xs.detach().clone(), y, stop, expand))
                 return y.clone()
@@ -706,6 +712,11 @@ class _Job:
                 shape = tuple(bad.x.shape)
                 plan.to_general(layer, f"is called on an input of shape {shape}, whose leading dimension is not the "
                                        f"N={n} records")
+        for layer in [x for x in plan.layers if isinstance(x, affine.AffineLayer)]:
+            why = next((w for c, inputs in zip(layer.calls, layer.inputs) if c.y.requires_grad
+                        for w in [affine.why_not_affine(layer, c, inputs)] if w), None)
+            if why:
+                plan.to_general(layer, why)
         for p_id, layer in _used_outside([self.losses], plan.layers, "records").items():
             param = next(p for p in layer.params() if id(p) == p_id)
             plan.to_general(layer, "has a parameter used outside the module's own calls (e.g. "
@@ -756,6 +767,12 @@ class _Job:
             G = _all_reduce(G, self.plan.params, self.pg)
         return G
 
+    def _layer_scores(self, layer: Layer, grads: list, G: dict, rows: int) -> Tensor:
+        """[R]: one layer's <grad l_i, G> over its record calls, by its identity."""
+        if isinstance(layer, affine.AffineLayer):
+            return affine.aggregated(layer, grads, G, rows, self.dtype)
+        return ghost.aggregated(layer, grads, G, rows, self.dtype, self.chunk, self.backend)
+
     # ---- one aggregated target --------------------------------------------------------------------------------------
     def aggregated(self, target: Tensor) -> Tensor:
         plan = self.plan
@@ -771,7 +788,7 @@ class _Job:
                 Gl["weight"] = G[plan.name_of(layer.module.weight)]
             if layer.use_bias and G[plan.name_of(layer.module.bias)] is not None:
                 Gl["bias"] = G[plan.name_of(layer.module.bias)]
-            total += ghost.aggregated(layer, grads[id(layer)], Gl, rows, self.dtype, self.chunk, self.backend)
+            total += self._layer_scores(layer, grads[id(layer)], Gl, rows)
         general = {k: p for k, p in plan.general.items() if G[k] is not None}
         if general and rows > 0:
             jv = _jvp_records(self.model, self.record_fn, general, [G[k].detach() for k in general], plan.why)
@@ -818,8 +835,8 @@ class _Job:
         plan, target = self.plan, self.target
         m_targets, rows = target.shape[0], self.losses.shape[0]
         for layer in list(plan.layers):
-            if not ghost.has_gram_form(layer.module) and self.pg is None:
-                plan.to_general(layer, "has no pairwise (Gram) form (Conv3d or a grouped conv)")
+            if (isinstance(layer, affine.AffineLayer) or not ghost.has_gram_form(layer.module)) and self.pg is None:
+                plan.to_general(layer, "has no pairwise (Gram) form (Conv3d, a grouped conv, or an affine layer)")
         grads, reverse = self.output_grads()
         gram = self.pg is None and plan.layers and self._one_row_per_target()
         if not gram:
@@ -934,8 +951,7 @@ class _Job:
                     G["weight"] = gw[mi]
                 if gbias is not None:
                     G["bias"] = gbias[mi]
-                result[:, mi] += ghost.aggregated(layer, grads[id(layer)], G, rows, self.dtype, self.chunk,
-                                                  self.backend).to(self.acc)
+                result[:, mi] += self._layer_scores(layer, grads[id(layer)], G, rows).to(self.acc)
         if plan.general and rows > 0:
             result += self.jvp_columns(plan.general, reverse, Gm).to(self.acc)
         return reference.reduce_sim(result, reduce)

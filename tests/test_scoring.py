@@ -499,9 +499,20 @@ def test_no_grad_pass_inside_record_loss():
         return m(xt).sum()
 
     assert rel_err(fastattr.score(lin, record_loss, target), loop_oracle(lin, record_loss, target)) < 1e-10
-    norm = nn.LayerNorm(4).double()
+    norm = nn.LayerNorm(4).double()  # an affine fast path: exact too
     with torch.no_grad():
         norm.weight.normal_(), norm.bias.normal_()
+    assert rel_err(fastattr.score(norm, record_loss, target), loop_oracle(norm, record_loss, target)) < 1e-10
+
+    class Temperature(nn.Module):  # not affine in its parameter: the general path
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Parameter(torch.tensor([1.3, 0.7, 2.0, 1.1], dtype=torch.float64))
+
+        def forward(self, z):
+            return torch.tanh(z / self.t)
+
+    norm = Temperature()
     with pytest.raises(fastattr.ScoringError, match="no_grad"):
         fastattr.score(norm, record_loss, target)
     with pytest.raises(fastattr.ScoringError, match="no_grad"):
@@ -593,8 +604,16 @@ def test_check_with_max_and_min_still_checks():
 
 def test_dropout_in_training_mode_on_the_jvp_path_is_an_error():
     """The JVP pass runs the forward again and draws new dropout masks: caught by the reverse-mode cross-check."""
+    class Temperature(nn.Module):  # not affine in its parameter: the general path
+        def __init__(self):
+            super().__init__()
+            self.t = nn.Parameter(torch.full((6,), 1.3))
+
+        def forward(self, z):
+            return torch.tanh(z / self.t)
+
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Dropout(0.3), nn.Linear(6, 2)).double().train()
+    model = nn.Sequential(nn.Linear(4, 6), Temperature(), nn.Dropout(0.3), nn.Linear(6, 2)).double().train()
     x, xt = torch.randn(5, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
 
     def record_loss(m):

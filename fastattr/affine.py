@@ -1,0 +1,106 @@
+"""The fast path for layers affine in their own parameters: norms (LayerNorm, RMSNorm, GroupNorm, a BatchNorm in eval
+mode, any model's own RMSNorm class), scales, PReLU.
+
+A module whose output is affine in its weight w and its bias b,
+
+    y = A(w) + B(b) + c(x)       (A, B linear; x its input),
+
+has per-record gradient <grad_w l_i, G> = sum over record i's part of y of g * A(G), with g = d(sum of losses)/dy, and
+likewise for the bias. A(G) = M(w=G, b=0) - M(w=0, b=0) is one call of the module itself with the target gradient as
+weight (the trick the convolutions use), so no per-record gradient and no forward-mode pass is formed, whatever the
+module's arithmetic (casts to float32 included). Candidates are modules with a `weight` (and at most a `bias`) of their
+own and no parameters in submodules, called on one tensor; that they are affine is checked on each call with random
+parameters (M(r1) + M(r2) = M(r1 + r2) + M(0), and the weight and bias parts add up), and also that calling the module
+again reproduces its output; a module that fails goes to the general path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+from .ghost import Layer
+
+
+@dataclass
+class AffineLayer(Layer):
+    """A Layer scored through the module's affinity in its parameters; `inputs` holds each record-side call's
+    (args, kwargs), detached, so the module can be called again."""
+
+    inputs: list = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return "affine"
+
+
+def is_candidate(module: nn.Module) -> bool:
+    """A `weight` (and optionally a `bias`) Parameter of its own, nothing else with parameters inside."""
+    own = dict(module.named_parameters(recurse=False))
+    if "weight" not in own or not set(own) <= {"weight", "bias"}:
+        return False
+    return all(not any(True for _ in child.parameters()) for child in module.children())
+
+
+def _call(module: nn.Module, inputs, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """The module's output with its weight and bias replaced (no autograd)."""
+    args, kwargs = inputs
+    params = {"weight": weight}
+    if isinstance(getattr(module, "bias", None), nn.Parameter):
+        params["bias"] = bias if bias is not None else torch.zeros_like(module.bias)
+    with torch.no_grad():
+        return torch.func.functional_call(module, params, args, kwargs)
+
+
+def _close(a: Tensor, b: Tensor, scale: float) -> bool:
+    tol = (1e-10 if a.dtype == torch.float64 else 1e-5) * max(scale, 1e-30)
+    return a.shape == b.shape and float((a - b).abs().amax()) <= tol if a.numel() else a.shape == b.shape
+
+
+def why_not_affine(layer: AffineLayer, call, inputs) -> str | None:
+    """None when the call is affine in the module's parameters as the fast path assumes, else the reason."""
+    args, kwargs = inputs
+    tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor)]
+    if len(tensors) != 1:
+        return "is called with several tensor inputs (its fast path takes one)"
+    m = layer.module
+    w = m.weight.detach()
+    b = m.bias.detach() if isinstance(getattr(m, "bias", None), nn.Parameter) else None
+    gen = torch.Generator().manual_seed(0xAFF)
+    r1, r2 = (torch.rand(w.shape, generator=gen, dtype=torch.float64).add_(0.5).to(w) for _ in range(2))
+    zero = torch.zeros_like(w)
+    y = call.y.detach()
+    scale = float(y.abs().amax()) if y.numel() else 0.0
+    if not _close(_call(m, inputs, w, b), y, scale):
+        return "gives another output when called again (randomness or state in forward)"
+    m0 = _call(m, inputs, zero, None)
+    if not _close(_call(m, inputs, r1, None) + _call(m, inputs, r2, None), _call(m, inputs, r1 + r2, None) + m0,
+                  scale + float(m0.abs().amax())):
+        return "is not affine in its weight"
+    if b is not None:
+        rb = torch.rand(b.shape, generator=gen, dtype=torch.float64).add_(0.5).to(b)
+        if not _close(_call(m, inputs, r1, rb) + m0, _call(m, inputs, r1, None) + _call(m, inputs, zero, rb),
+                      scale + float(m0.abs().amax())):
+            return "is not affine in its weight and bias together"
+    return None
+
+
+def aggregated(layer: AffineLayer, grads: list, G: dict, n: int, dtype) -> Tensor:
+    """[N]: sum over the layer's record calls of <grad l_i, G> for its selected parameters. G: {'weight', 'bias'}."""
+    m = layer.module
+    total = torch.zeros(n, dtype=reference.score_dtype(dtype), device=m.weight.device)
+    zero = torch.zeros_like(m.weight)
+    for call, inputs, g in zip(layer.calls, layer.inputs, grads):
+        if g is None:
+            continue
+        base = _call(m, inputs, zero, None)
+        parts = []
+        if layer.use_weight and G.get("weight") is not None:
+            parts.append(_call(m, inputs, G["weight"].to(m.weight.dtype), None) - base)
+        if layer.use_bias and G.get("bias") is not None:
+            parts.append(_call(m, inputs, zero, G["bias"].to(m.bias.dtype)) - base)
+        for direction in parts:  # d y / d params applied to G
+            total += (g.to(dtype) * direction.to(dtype)).reshape(n, -1).sum(1).to(total.dtype)
+    return total
