@@ -11,6 +11,7 @@ COMMANDS = {
     "demo": ("fastattr.demo", "the main job on an embedded default (what `make demo` runs)"),
     "train": ("fastattr.experiments", "train PPO / IIF on one env and seed, with per-round attribution"),
     "compare": ("fastattr.experiments", "run methods x seeds in parallel and write curves.png, summary.{json,md}"),
+    "rlhf": ("fastattr.rlhf.cli", "one run of the RLHF detoxification experiment (method x trainer x seed)"),
     "diagnose": ("fastattr.diagnose", "top/bottom records of a saved round and what they have in common"),
     "behaviour": ("fastattr.behaviour", "behaviour-formation analysis of a probe across rounds"),
     "intervene": ("fastattr.intervene", "retrain chosen rounds without negative / random records"),

@@ -97,20 +97,34 @@ def compare_parser() -> argparse.ArgumentParser:
         description="Run methods x seeds (one `fastattr train` process each, --jobs at a time; resumable: finished "
                     "runs are skipped, killed ones resumed) and write OUT/curves.png, OUT/summary.json, "
                     "OUT/summary.md. Any other `fastattr train` flag (e.g. --preset paper, --total-timesteps) is "
-                    "passed to every run.")
-    p.add_argument("--env-id", required=True, help="gymnasium id")
+                    "passed to every run. With --rlhf: the RLHF detoxification experiment instead (`fastattr rlhf` "
+                    "runs under OUT/runs/<trainer>_<method>_s<seed>/; fastattr/rlhf/compare.py).")
+    p.add_argument("--env-id", help="gymnasium id (required without --rlhf)")
     p.add_argument("--seeds", default="0-4", help="seeds: '0-4' or '0,3,7'")
     p.add_argument("--methods", default="ppo,iif,random", help="comma-separated: ppo, iif, iif-all-neg, random")
     p.add_argument("--out", required=True, help="output dir (runs under OUT/runs/<method>_s<seed>/)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel (the number of cores)")
     p.add_argument("--baseline", default="ppo", help="method the others are measured against")
     p.add_argument("--aggregate-only", action="store_true", help="do not run anything; summarise what exists")
+    rlhf = p.add_argument_group("RLHF (with --rlhf; --methods from ppo, iif, random)")
+    rlhf.add_argument("--rlhf", action="store_true", help="compare on the RLHF detoxification experiment")
+    rlhf.add_argument("--trainer", default="grpo", choices=("grpo", "ppo", "both"), help="the RL trainer(s)")
+    rlhf.add_argument("--rounds", type=int, default=20, help="rounds per run")
+    rlhf.add_argument("--config", default=None, help="ExperimentConfig fields over the defaults (JSON object or "
+                                                     "file; see `fastattr rlhf --help`)")
+    rlhf.add_argument("--cache-dir", default="runs/rlhf-cache", help="where the task is cached")
     return p
 
 
 def main_compare(argv: list[str] | None = None) -> int:
     p = compare_parser()
     opts, rest = p.parse_known_args(argv)
+    if opts.rlhf:
+        from .rlhf.compare import main_compare_rlhf
+
+        return main_compare_rlhf(opts, rest)
+    if not opts.env_id:
+        p.error("the following arguments are required: --env-id")
     try:
         seeds = parse_int_list(opts.seeds)
         methods = [m.strip() for m in opts.methods.split(",") if m.strip()]
@@ -140,43 +154,54 @@ def main_compare(argv: list[str] | None = None) -> int:
         print(f"fastattr compare: error: {e}", file=sys.stderr)
         return 2
 
-    (out / "logs").mkdir(parents=True, exist_ok=True)
     failed = []
     if not opts.aggregate_only:
         todo = [(m, s) for (m, s), d in runs.items() if not run_finished(d)]
-        print(f"compare: {len(runs) - len(todo)} of {len(runs)} runs already finished; running {len(todo)} with "
-              f"{min(opts.jobs, max(len(todo), 1))} parallel jobs (logs in {out / 'logs'})", flush=True)
-
-        def launch(ms):
-            m, s = ms
-            cmd = [sys.executable, "-m", "fastattr", "train", "--env-id", opts.env_id, "--method", m, "--seed",
-                   str(s), "--run-dir", str(runs[ms]), "--resume", "--no-progress", *rest]
-            with open(out / "logs" / f"{m}_s{s}.log", "a") as log:
-                log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
-                log.flush()
-                rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-            return ms, rc
-
-        from tqdm.auto import tqdm
-
-        pool = ThreadPoolExecutor(max_workers=opts.jobs)
-        try:
-            with tqdm(total=len(todo), unit="run", desc="compare") as bar:
-                for ms, rc in pool.map(launch, todo):
-                    bar.update(1)
-                    if rc != 0:
-                        failed.append(ms)
-                        bar.write(f"compare: {ms[0]} seed {ms[1]} failed (exit {rc}); see {out / 'logs'}")
-        except KeyboardInterrupt:  # the runs got the same Ctrl-C and stop; each keeps its last finished round
-            pool.shutdown(wait=False, cancel_futures=True)
-            print(f"\ncompare: interrupted; finished rounds are kept: run the same command again to resume "
-                  f"({out / 'runs'})", file=sys.stderr)
+        jobs = {f"{m} seed {s}": ([sys.executable, "-m", "fastattr", "train", "--env-id", opts.env_id, "--method", m,
+                                   "--seed", str(s), "--run-dir", str(runs[m, s]), "--resume", "--no-progress", *rest],
+                                  f"{m}_s{s}") for m, s in todo}
+        failed = run_all(jobs, opts.jobs, out, len(runs))
+        if failed is None:
             return 130
-        pool.shutdown()
     paths = aggregate(out, opts.env_id, methods, seeds, opts.baseline)
     if paths:
         print("\n".join(f"wrote {p}" for p in paths))
     return 1 if failed or (opts.aggregate_only and not paths) else 0
+
+
+def run_all(jobs: dict[str, tuple[list[str], str]], n_parallel: int, out: Path, n_runs: int) -> list[str] | None:
+    """Runs each job `label: (command, log name)` as a subprocess, `n_parallel` at a time, its output appended to
+    OUT/logs/<log name>.log, with a progress bar. Returns the labels of the jobs that failed, or None after Ctrl-C
+    (the runs got it too and stop, each keeping its last finished round). `n_runs`: all runs, finished ones included."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    print(f"compare: {n_runs - len(jobs)} of {n_runs} runs already finished; running {len(jobs)} with "
+          f"{min(n_parallel, max(len(jobs), 1))} parallel jobs (logs in {out / 'logs'})", flush=True)
+
+    def launch(label: str) -> tuple[str, int]:
+        cmd, name = jobs[label]
+        with open(out / "logs" / f"{name}.log", "a") as log:
+            log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+            log.flush()
+            return label, subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+
+    from tqdm.auto import tqdm
+
+    failed = []
+    pool = ThreadPoolExecutor(max_workers=n_parallel)
+    try:
+        with tqdm(total=len(jobs), unit="run", desc="compare") as bar:
+            for label, rc in pool.map(launch, jobs):
+                bar.update(1)
+                if rc != 0:
+                    failed.append(label)
+                    bar.write(f"compare: {label} failed (exit {rc}); see {out / 'logs'}")
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        print(f"\ncompare: interrupted; finished rounds are kept: run the same command again to resume "
+              f"({out / 'runs'})", file=sys.stderr)
+        return None
+    pool.shutdown()
+    return failed
 
 
 def runs_with_other_settings(runs: dict[tuple[str, int], Path], args: Args) -> list[str]:

@@ -10,6 +10,15 @@ files or scripts) bringing together, for a run dir or a compare dir of runs:
   7. Intervention    `fastattr intervene` outputs (Δreturn without negative / random records, with CIs)
   8. Validation      `fastattr validate` outputs (first-order predicted vs actual change of the target)
 
+For an RLHF run dir (`fastattr rlhf`) or compare dir (`fastattr compare --rlhf`), recognised by the trainer, reward
+and toxicity in its metrics.jsonl:
+
+  1. Overview        trainers, methods, seeds, rounds, the configuration every run shares
+  2. Curves          reward and toxicity vs rounds and vs wall-clock, mean and 95% t-interval over seeds per method
+  3. Summary         final reward and toxicity, rounds and optimisation time to PPO's final reward (summary.md)
+  4. Cost            attribution time per round next to the update and rollout time
+  5. Records         the highest- and lowest-scoring records of a few rounds as text (records.jsonl)
+
 A section whose inputs are missing says which command produces them, so the report is always complete.
 """
 from __future__ import annotations
@@ -33,6 +42,9 @@ SECTIONS = [("overview", "Overview"), ("curves", "Learning curves"), ("scores", 
             ("cost", "Attribution cost per round"), ("diagnosis", "Diagnosis of learning"),
             ("behaviour", "Behaviour formation"), ("intervention", "Targeted intervention"),
             ("validation", "Counterfactual validation")]
+RLHF_SECTIONS = [("overview", "Overview"), ("curves", "Reward and toxicity"), ("summary", "Summary"),
+                 ("cost", "Attribution cost per round"), ("records", "Top and bottom records")]
+RLHF_KEYS = ("trainer", "reward", "toxicity")  # in every metrics.jsonl row of `fastattr rlhf`
 
 RETURN_KEYS = ("eval_return", "eval/return_mean", "eval/mean_return", "eval/return", "charts/eval_return", "charts/episodic_return",
                "charts/episode_return", "rollout/ep_rew_mean")
@@ -562,6 +574,18 @@ def build_report(root, out: str | None = None, diagnose_round: int | None = None
     """Writes report.html (default: <root>/report.html) and returns its path."""
     root = Path(root)
     runs = find_runs(root)
+    if is_rlhf(runs):
+        subject, sections, body = "RLHF detoxification", RLHF_SECTIONS, rlhf_sections(runs, root)
+    else:
+        subject, sections = ", ".join(sorted({r.env_id or "?" for r in runs})), SECTIONS
+        body = rl_sections(runs, root, diagnose_round, auto_diagnose)
+    path = Path(out) if out else root / "report.html"
+    path.write_text(_page(root, subject, sections, body), encoding="utf-8")
+    return path
+
+
+def rl_sections(runs, root: Path, diagnose_round: int | None, auto_diagnose: bool) -> dict[str, str]:
+    """The SECTIONS' HTML for runs of `fastattr train`."""
     body: dict[str, str] = {}
     body["overview"] = section_overview(runs, root)
     body["curves"] = section_curves(runs, root)
@@ -574,27 +598,120 @@ def build_report(root, out: str | None = None, diagnose_round: int | None = None
                                                 "fastattr intervene RUN --round k --seeds 0-2", _render_intervention)
     body["validation"] = section_json_outputs(runs, root, "validate*.json", "validation",
                                               "fastattr validate RUN --round k", _render_validation)
-    envs = ", ".join(sorted({r.env_id or "?" for r in runs}))
+    return body
+
+
+def _page(root: Path, subject: str, sections: list[tuple[str, str]], body: dict[str, str]) -> str:
+    """The whole HTML page: header, navigation and the numbered sections."""
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     from . import __version__
     page = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>fastattr report: "
             f"{html.escape(root.name)}</title><style>{CSS}</style></head><body>",
-            f"<header><h1>Local data attribution report — {html.escape(envs)}</h1>"
+            f"<header><h1>Local data attribution report — {html.escape(subject)}</h1>"
             f"<p>{html.escape(str(root))} · {now} · fastattr {__version__} (commit {git_commit()})</p></header>",
-            "<nav>" + "".join(f'<a href="#{sid}">{title}</a>' for sid, title in SECTIONS) + "</nav><main>"]
-    for i, (sid, title) in enumerate(SECTIONS, 1):
+            "<nav>" + "".join(f'<a href="#{sid}">{title}</a>' for sid, title in sections) + "</nav><main>"]
+    for i, (sid, title) in enumerate(sections, 1):
         page.append(f'<section id="{sid}"><h2>{i}. {title}</h2>{body[sid]}</section>')
     page.append("</main></body></html>")
-    path = Path(out) if out else root / "report.html"
-    path.write_text("\n".join(page), encoding="utf-8")
-    return path
+    return "\n".join(page)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RLHF runs (`fastattr rlhf`, `fastattr compare --rlhf`)
+
+RLHF_COMPARE = "fastattr compare --rlhf --trainer both --seeds 0-2 --methods ppo,iif,random --rounds 20 --out DIR"
+RECORD_RUNS = 4  # runs whose records are shown: the first seed of each trainer and method, at most this many
+
+
+def is_rlhf(runs: list[runinfo.Run]) -> bool:
+    """True when every run was written by `fastattr rlhf` (its metrics rows carry RLHF_KEYS)."""
+    return bool(runs) and all(r.metrics and all(k in r.metrics[0] for k in RLHF_KEYS) for r in runs)
+
+
+def rlhf_sections(runs, root: Path) -> dict[str, str]:
+    """The RLHF_SECTIONS' HTML."""
+    return {"overview": section_rlhf_overview(runs, root), "curves": section_rlhf_curves(runs),
+            "summary": section_rlhf_summary(runs, root), "cost": section_cost(runs),
+            "records": section_records(runs, root)}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def section_rlhf_overview(runs, root: Path) -> str:
+    first = [r.metrics[0] for r in runs]
+    rounds = max(int(m["round"]) for r in runs for m in r.metrics)
+    parts = [_kpi(", ".join(sorted({f["trainer"] for f in first})), "trainers"), _kpi(str(len(runs)), "runs"),
+             _kpi(", ".join(sorted({f["method"] for f in first})), "methods"),
+             _kpi(str(len({f["seed"] for f in first})), "seeds"), _kpi(str(rounds), "rounds (max)")]
+    configs = [_flat(json.loads((r.path / "run.json").read_text())["config"]) for r in runs
+               if (r.path / "run.json").exists()]
+    shared = [{"setting": k, "value": v} for k, v in (configs[0] if configs else {}).items()
+              if all(c.get(k) == v for c in configs)]
+    return "".join(parts) + _table(shared) + \
+        f'<p class="note">Runs: {", ".join(html.escape(_rel(r.path, root)) for r in runs[:12])}' \
+        f'{" …" if len(runs) > 12 else ""}</p>'
+
+
+def section_rlhf_curves(runs) -> str:
+    from .rlhf.compare import curves_figure, group
+
+    fig = curves_figure(group([r.metrics for r in runs]))
+    return _img(fig_to_b64(fig), "reward and toxicity") + \
+        '<p class="note">Evaluated on the test prompts after every round (round 0: the pretrained policy). Reward: ' \
+        "the reward model's neutral logit; toxicity: the rate of completions the lexicon rule calls toxic.</p>"
+
+
+def section_rlhf_summary(runs, root: Path) -> str:
+    """summary.md of `fastattr compare --rlhf` when root holds one, else the same summary of the runs found."""
+    if (root / "summary.md").exists():
+        return markdown_to_html((root / "summary.md").read_text())
+    from .rlhf.compare import group, summarize, to_markdown
+
+    budget = min(int(r.metrics[-1]["round"]) for r in runs)
+    runs_ = group([[m for m in r.metrics if m["round"] <= budget] for r in runs])
+    text = markdown_to_html(to_markdown(summarize(runs_, budget), f"The runs in {root.name}, {budget} rounds"))
+    if any("ppo" not in by_method for by_method in runs_.values()):
+        text += _missing(f"No ppo run to compare with: <code>{RLHF_COMPARE}</code> runs every method over seeds "
+                         "and writes this summary with the paired comparisons.")
+    return text
+
+
+def section_records(runs, root: Path) -> str:
+    """The highest- and lowest-scoring records of the first, middle and last round of a few runs."""
+    shown, seen = [], set()
+    for r in runs:
+        key = (r.metrics[0]["trainer"], r.metrics[0]["method"])
+        if (r.path / "records.jsonl").exists() and key not in seen:
+            seen.add(key)
+            shown.append(r)
+    if not shown:
+        return _missing("No records.jsonl: the methods that score write it every round, e.g. <code>fastattr rlhf "
+                        "--method iif --trainer grpo --run-dir DIR</code> (ppo runs score nothing).")
+    out = []
+    for r in shown[:RECORD_RUNS]:
+        lines = store.read_jsonl(r.path / "records.jsonl")
+        rows = [{"round": line["round"], "rank": f"{end} {i}", **rec}
+                for line in (lines[i] for i in sorted({0, len(lines) // 2, len(lines) - 1}))
+                for end in ("top", "bottom") for i, rec in enumerate(line[end], 1)]
+        out.append(f"<h3>{html.escape(_rel(r.path, root))}</h3>" + _table(
+            rows, [("round", "round"), ("rank", "rank"), ("score", "score"), ("reward", "reward"), ("kept", "kept"),
+                   ("prompt", "prompt"), ("completion", "completion")]))
+    return "".join(out) + '<p class="note">Score: the record\'s influence on the D_val sequence target (positive: ' \
+        "training on it helps the target). Kept: whether the round's filter trained on it. Three rounds per run: " \
+        "the first, the middle and the last.</p>"
 
 
 def main(argv: list[str] | None = None) -> int:
-    sections = __doc__.split("\n\n")[1]
-    p = argparse.ArgumentParser(prog="fastattr report", description=__doc__.split("\n\n")[0],
-                                epilog="sections:\n" + sections, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dir", help="a run dir (fastattr train) or a compare dir (fastattr compare)")
+    doc = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(prog="fastattr report", description=doc[0],
+                                epilog="sections:\n" + "\n\n".join(doc[1:4]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dir", help="a run dir (fastattr train, fastattr rlhf) or a compare dir (fastattr compare)")
     p.add_argument("--out", default=None, help="output file (default: DIR/report.html)")
     p.add_argument("--diagnose-round", type=int, default=None,
                    help="round to diagnose when no diagnose_round_*.json exists (default: the 6th saved round)")

@@ -1,6 +1,7 @@
 """fastattr.rlhf.experiment.run_rlhf: metrics.jsonl has the documented fields every round; a run stopped and resumed
-gives the same metrics and parameters as an uninterrupted one, for both trainers; a checkpoint that was never
-committed is not resumed from; a run directory is not overwritten by accident."""
+gives the same metrics, records and parameters as an uninterrupted one, for both trainers; records.jsonl holds each
+round's highest- and lowest-scoring records with their scores; a checkpoint that was never committed is not resumed
+from; a run directory is not overwritten by accident."""
 import json
 
 import pytest
@@ -10,7 +11,9 @@ from _rlhf_tiny import TINY_EXPERIMENT, tiny_task
 pytest.importorskip("trl")
 from safetensors.torch import load_file
 
-from fastattr.rlhf.experiment import run_rlhf
+from fastattr.integrations.trl import IIFGRPOTrainer
+from fastattr.rlhf.experiment import SHOWN_RECORDS, run_rlhf
+from fastattr.rlhf.ppo import SequencePPO
 
 FIELDS = ("round", "reward", "toxicity", "length", "kept_fraction", "attr_seconds", "rollout_seconds",
           "update_seconds", "round_seconds", "wall_seconds", "train_reward", "method", "trainer", "seed")
@@ -53,8 +56,59 @@ def test_resume_is_bit_identical(tmp_path, trainer):
     assert without_timings(resumed) == without_timings(straight)
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["round"] for x in lines] == [0, 1, 2]
+    records = [(tmp_path / d / "records.jsonl").read_text() for d in ("a", "b")]
+    assert records[0] == records[1] and len(records[0].splitlines()) == 2
     a, b = parameters(trainer, tmp_path / "a"), parameters(trainer, tmp_path / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _capture_rounds(monkeypatch, trainer) -> list[tuple]:
+    """(scores, records, keep, rewards or None) of every round the run trains, as the trainer computed them."""
+    seen = []
+    if trainer == "ppo":
+        original = SequencePPO.round
+
+        def round_(self):
+            rnd = original(self)
+            seen.append((rnd.scores, rnd.records, rnd.keep, rnd.rewards))
+            return rnd
+
+        monkeypatch.setattr(SequencePPO, "round", round_)
+    else:
+        original = IIFGRPOTrainer._filter
+
+        def filter_(self, output):
+            original(self, output)
+            seen.append((self.last_scores, self.last_records, self.last_keep, None))
+
+        monkeypatch.setattr(IIFGRPOTrainer, "_filter", filter_)
+    return seen
+
+
+@pytest.mark.parametrize("trainer", ["ppo", "grpo"])
+def test_records_are_each_rounds_highest_and_lowest_scores(tmp_path, monkeypatch, trainer):
+    seen = _capture_rounds(monkeypatch, trainer)
+    run(trainer, tmp_path, rounds=2, method="random")
+    task, _ = tiny_task()
+    lines = [json.loads(x) for x in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2] and len(seen) == 2  # one line per trained round
+    for line, (scores, records, keep, rewards) in zip(lines, seen):
+        assert line["records"] == len(scores) and len(line["top"]) == len(line["bottom"]) == SHOWN_RECORDS
+        ranked = sorted(scores.tolist())
+        assert [r["score"] for r in line["top"]] == ranked[::-1][:SHOWN_RECORDS]
+        assert [r["score"] for r in line["bottom"]] == ranked[:SHOWN_RECORDS]
+        for r in line["top"] + line["bottom"]:
+            i = r["index"]
+            assert r["score"] == scores[i].item() and r["kept"] == bool(keep[i])
+            assert r["prompt"] == task.language.decode(records.prompt_ids[i][records.prompt_mask[i].bool()].tolist())
+            assert r["completion"] == task.language.decode(
+                records.completion_ids[i][records.completion_mask[i].bool()].tolist())
+            assert r["completion"] and (rewards is None or r["reward"] == rewards[i].item())
+
+
+def test_methods_that_do_not_score_write_no_records(tmp_path):
+    run("ppo", tmp_path, rounds=1, method="ppo")
+    assert not (tmp_path / "records.jsonl").exists()
 
 
 def test_uncommitted_grpo_checkpoint_is_not_resumed(tmp_path):

@@ -14,10 +14,15 @@ prompt) and a line goes to `<run_dir>/metrics.jsonl`:
     kept_fraction, attr_seconds, rollout_seconds (generation + reward), update_seconds, round_seconds (the three),
     wall_seconds (since the run started, resumptions included), train_reward, method, trainer, seed
 
-(round 0 is the pretrained policy; its training fields are null). Checkpoints are written after every round and
+(round 0 is the pretrained policy; its training fields are null). For the methods that score (iif, random) every
+trained round also appends to `<run_dir>/records.jsonl` its `SHOWN_RECORDS` highest- and lowest-scoring records
+(`shown_records`: score, reward, kept by the filter or not, prompt and completion as text); writing it reads the
+round's scores and records and changes nothing in training. Checkpoints are written after every round and
 committed atomically (PPO: checkpoint.pt replaced by os.replace; GRPO: TRL's checkpoint-<step> folder, committed by a
 COMMITTED file written last); `resume=True` continues from the last committed round, drops metric lines written
-after it, and gives the same parameters and metrics (timings aside) as an uninterrupted run.
+after it (and records.jsonl's lines), and gives the same parameters and metrics (timings aside) as an
+uninterrupted run. `run.json` holds the run's method, trainer, seed and configuration; `check_run_dir` refuses a
+directory that holds another run.
 """
 from __future__ import annotations
 
@@ -27,15 +32,19 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import Tensor
 
 from . import scores
+from ..analysis import top_bottom
 from ..seeds import derived_seed
+from ..store import read_jsonl
 from .ppo import PPOConfig, SequencePPO
-from .sequences import pad_rows
+from .sequences import Sequences, pad_rows
 from .task import EOS, PAD, Task, TaskConfig, build_task
 
 METHODS = ("ppo", "iif", "random")
@@ -43,6 +52,7 @@ TRAINERS = ("grpo", "ppo")
 FILTER_OF = {"ppo": "none", "iif": "iif", "random": "random"}
 TRAINING_FIELDS = ("kept_fraction", "attr_seconds", "rollout_seconds", "update_seconds", "round_seconds",
                    "train_reward")
+SHOWN_RECORDS = 3  # records.jsonl: the round's 3 highest- and 3 lowest-scoring records
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,68 @@ class ExperimentConfig:
     target_policy: str = "reference"  # who generates D_val's target completions: the reference, or the policy
 
 
+def config_from_dict(values: dict) -> ExperimentConfig:
+    """The ExperimentConfig whose fields `values` (its `asdict` form, or any part of it: nested sections as dicts) sets
+    over the defaults. An unknown field, or a value of another type than the field's default, is a ValueError."""
+    return _merged(ExperimentConfig(), values, "config")
+
+
+def _merged(base, values, where: str):
+    """`base` (a config dataclass) with the fields in `values` replaced, nested dataclasses merged the same way."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must be a JSON object, got {values!r}")  # noqa: TRY004  (a bad --config)
+    known = asdict(base)
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    changes = {}
+    for key, value in values.items():
+        default = getattr(base, key)
+        if is_dataclass(default):
+            changes[key] = _merged(default, value, f"{where}.{key}")
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            changes[key] = float(value)
+        elif type(value) is not type(default):
+            raise ValueError(f"{where}.{key} must be a {type(default).__name__} like its default {default!r}, "
+                             f"got {value!r}")
+        else:
+            changes[key] = value
+    return replace(base, **changes)
+
+
+def run_meta(method: str, trainer: str, seed: int, config: ExperimentConfig) -> dict:
+    """What `<run_dir>/run.json` holds for a run (as it reads back from JSON)."""
+    return json.loads(json.dumps({"method": method, "trainer": trainer, "seed": seed, "config": asdict(config)}))
+
+
+def check_run_dir(run_dir: str | os.PathLike, meta: dict, resume: bool) -> None:
+    """Refuses a run directory that is a file, holds a run while `resume` is off (FileExistsError: nothing is
+    overwritten by accident), or holds a run with other settings than `meta` (ValueError)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is a file, not a run directory; choose another run directory")
+    path = run_dir / "run.json"
+    if not path.exists():
+        return
+    if not resume:
+        raise FileExistsError(f"{run_dir} already holds a run ({path}); pass resume=True to continue it, or another "
+                              "run directory")
+    try:
+        saved = json.loads(path.read_text())
+        what = f"{saved['method']}/{saved['trainer']}, seed {saved['seed']}"
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); use another run directory") from None
+    if saved != meta:
+        other = ", another config" if saved.get("config") != meta["config"] else ""
+        raise ValueError(f"{path} holds a run with other settings ({what}{other}); resume it with those, or use "
+                         "another run directory")
+
+
+def completed_rounds(run_dir: str | os.PathLike) -> int:
+    """The last round in `<run_dir>/metrics.jsonl` (-1 when there is none)."""
+    return max((row["round"] for row in read_jsonl(Path(run_dir) / "metrics.jsonl")), default=-1)
+
+
 def _check(method: str, trainer: str, rounds: int) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -74,8 +146,9 @@ def _check(method: str, trainer: str, rounds: int) -> None:
         raise ValueError(f"rounds must be a positive int, got {rounds!r}")
 
 
-class _Metrics:
-    """metrics.jsonl: one JSON line per round, flushed and fsynced; `truncate(n)` keeps rounds < n."""
+class _RoundLines:
+    """A file of one JSON line per round (metrics.jsonl, records.jsonl), each flushed and fsynced; `truncate(n)` keeps
+    rounds < n."""
 
     def __init__(self, path: Path, base: dict):
         self.path, self.base = path, base
@@ -86,6 +159,8 @@ class _Metrics:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def truncate(self, n_rounds: int) -> None:
+        if not self.path.exists():
+            return
         keep = [r for r in self.rows() if r["round"] < n_rounds]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
@@ -100,6 +175,28 @@ class _Metrics:
         return row
 
 
+def shown_records(task: Task, round_index: int, records: Sequences, scores_: Tensor, rewards: Tensor, keep: Tensor,
+                  k: int = SHOWN_RECORDS) -> dict:
+    """records.jsonl's line for a round: the number of records scored (`records`), the k highest-scoring ones
+    (`top`, descending) and the k lowest (`bottom`, ascending; non-finite scores left out), each with its index in the
+    batch, score, reward, whether the filter kept it, and its prompt and completion decoded with the task's
+    vocabulary."""
+    values = scores_.detach().double().cpu().numpy()
+    finite = np.flatnonzero(np.isfinite(values))
+    top, bottom = top_bottom(values[finite], k)
+
+    def text(ids: Tensor, mask: Tensor) -> str:
+        return task.language.decode(ids[mask.bool()].tolist())
+
+    def record(i: int) -> dict:
+        return {"index": i, "score": float(values[i]), "reward": float(rewards[i]), "kept": bool(keep[i]),
+                "prompt": text(records.prompt_ids[i], records.prompt_mask[i]),
+                "completion": text(records.completion_ids[i], records.completion_mask[i])}
+
+    return {"round": round_index, "records": len(values), "top": [record(int(finite[i])) for i in top],
+            "bottom": [record(int(finite[i])) for i in bottom]}
+
+
 def _initial_row(task: Task, policy, cfg: ExperimentConfig) -> dict:
     return {"round": 0, **task.evaluate(policy, "test", cfg.eval_seed, cfg.eval_samples),
             **dict.fromkeys(TRAINING_FIELDS), "wall_seconds": 0.0}
@@ -109,7 +206,7 @@ def _initial_row(task: Task, policy, cfg: ExperimentConfig) -> dict:
 # Our sequence PPO
 # ----------------------------------------------------------------------------------------------------------------------
 def _run_ppo(task: Task, method: str, seed: int, rounds: int, run_dir: Path, resume: bool, cfg: ExperimentConfig,
-             metrics: _Metrics, log) -> None:
+             metrics: _RoundLines, records: _RoundLines, log) -> None:
     torch.manual_seed(seed)  # LoRA's A initialisation
     policy = scores.lora(task.policy(), r=cfg.lora_r, alpha=2 * cfg.lora_r)
     ppo_cfg = replace(cfg.ppo, filter=FILTER_OF[method], p=1.0, attribute=method != "ppo",
@@ -121,14 +218,18 @@ def _run_ppo(task: Task, method: str, seed: int, rounds: int, run_dir: Path, res
         loop.load_state_dict(state["ppo"])
         wall = state["wall_seconds"]
         metrics.truncate(loop.round_index + 1)
+        records.truncate(loop.round_index + 1)
         log(f"rlhf: resuming {run_dir} after round {loop.round_index}")
     else:
         metrics.truncate(0)
+        records.truncate(0)
         metrics.write(_initial_row(task, policy, cfg))
     start = time.perf_counter() - wall
     while loop.round_index < rounds:
         rnd = loop.round()
         stats = rnd.stats
+        if rnd.scores is not None:
+            records.write(shown_records(task, loop.round_index, rnd.records, rnd.scores, rnd.rewards, rnd.keep))
         row = {"round": loop.round_index, **task.evaluate(policy, "test", cfg.eval_seed, cfg.eval_samples),
                **{k: stats[k] for k in ("kept_fraction", "attr_seconds", "rollout_seconds", "update_seconds",
                                         "train_reward")},
@@ -152,7 +253,7 @@ def _committed(trl_dir: Path) -> list[Path]:
 
 
 def _run_grpo(task: Task, method: str, seed: int, rounds: int, run_dir: Path, resume: bool, cfg: ExperimentConfig,
-              metrics: _Metrics, log) -> None:
+              metrics: _RoundLines, records: _RoundLines, log) -> None:
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -210,10 +311,12 @@ def _run_grpo(task: Task, method: str, seed: int, rounds: int, run_dir: Path, re
         def on_train_begin(self, args, state, control, **kwargs):
             if checkpoint is None:
                 metrics.truncate(0)
+                records.truncate(0)
                 metrics.write(_initial_row(task, policy, cfg))
             else:
                 self.wall = json.loads((Path(checkpoint) / "COMMITTED").read_text())["wall_seconds"]
                 metrics.truncate(state.global_step // steps_per_round + 1)
+                records.truncate(state.global_step // steps_per_round + 1)
                 log(f"rlhf: resuming {run_dir} after round {state.global_step // steps_per_round}")
             self.start = time.perf_counter() - self.wall
 
@@ -234,6 +337,10 @@ def _run_grpo(task: Task, method: str, seed: int, rounds: int, run_dir: Path, re
                    "rollout_seconds": rollout, "update_seconds": seconds - rollout - attr, "round_seconds": seconds,
                    "train_reward": trainer.last_reward, "wall_seconds": time.perf_counter() - self.start}
             self.wall = row["wall_seconds"]
+            scored = getattr(trainer, "last_scores", None)  # IIFGRPOTrainer: this round's generation batch
+            if scored is not None:
+                batch = trainer.last_records
+                records.write(shown_records(task, row["round"], batch, scored, task.reward(batch), trainer.last_keep))
             metrics.write(row)
             log(f"rlhf grpo/{method} seed {seed} round {row['round']}: reward {row['reward']:.3f} toxicity "
                 f"{row['toxicity']:.3f} kept {row['kept_fraction']:.2f} ({seconds:.1f} s)")
@@ -271,33 +378,27 @@ def run_rlhf(method: str, trainer: str, seed: int = 0, rounds: int = 20, run_dir
              cache_dir: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Trains with `method` (ppo | iif | random) and `trainer` (grpo | ppo) for `rounds` rounds and returns the
     metrics rows (also in `<run_dir>/metrics.jsonl`). The task is built or loaded from `cache_dir` (default
-    runs/rlhf-cache). `resume=True` continues a run from its last committed round (a run directory that holds
-    metrics is refused without it, so that nothing is overwritten by accident)."""
+    runs/rlhf-cache). `resume=True` continues a run from its last committed round (a run directory that holds a run
+    is refused without it, so that nothing is overwritten by accident: `check_run_dir`)."""
     _check(method, trainer, rounds)
     cfg = config or ExperimentConfig()
     run_dir = Path(run_dir)
+    meta = run_meta(method, trainer, seed, cfg)
+    check_run_dir(run_dir, meta, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"method": method, "trainer": trainer, "seed": seed, "config": asdict(cfg)}
     meta_path = run_dir / "run.json"
-    if meta_path.exists():
-        if not resume:
-            raise FileExistsError(f"{run_dir} already holds a run; pass resume=True to continue it, or another "
-                                  "run directory")
-        saved = json.loads(meta_path.read_text())
-        if saved != json.loads(json.dumps(meta)):
-            raise ValueError(f"{run_dir} holds a run with other settings ({saved['method']}/{saved['trainer']}, "
-                             f"seed {saved['seed']}); resume it with those, or use another run directory")
-    else:
+    if not meta_path.exists():
         meta_path.write_text(json.dumps(meta, indent=1))
     task = build_task(cfg.task, cache_dir, log)
-    metrics = _Metrics(run_dir / "metrics.jsonl", {"method": method, "trainer": trainer, "seed": seed})
+    base = {"method": method, "trainer": trainer, "seed": seed}
+    metrics, records = _RoundLines(run_dir / "metrics.jsonl", base), _RoundLines(run_dir / "records.jsonl", base)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-identical resumption: one intra-op thread
     try:
         with warnings.catch_warnings():  # TRL 1.x uses transformers' deprecated checkpointing names at every step
             warnings.filterwarnings("ignore", message=".*gradient_checkpointing.* is deprecated", category=FutureWarning)
             run = _run_ppo if trainer == "ppo" else _run_grpo
-            run(task, method, seed, rounds, run_dir, resume, cfg, metrics, log)
+            run(task, method, seed, rounds, run_dir, resume, cfg, metrics, records, log)
     finally:
         torch.set_num_threads(threads)
     return metrics.rows()
