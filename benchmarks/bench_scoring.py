@@ -10,6 +10,9 @@ work any gradient-based scorer must at least do. Rows, all on the same actor and
   fastattr-joint      records and target from one forward (what the PPO loop uses), default settings
   fastattr-joint-no-locality  the joint form with check_locality=False
   fastattr-reference  fastattr.score with the pure-torch reference ops instead of the kernels
+  fastattr-kernel-no-locality  backend="kernel" (the compiled kernels, whatever fastattr.ops.choose would pick),
+                      check_locality=False
+  fastattr-eager-no-locality   backend="eager" (one GEMM and a row-dot per layer in eager torch), check_locality=False
   vmap                torch.func.vmap(grad) per-sample gradients flattened to [N, P], then a GEMV (TRAK / dattri)
   vmap-per-param      the same gradients dotted parameter by parameter (no [N, P] concatenation)
   materialise         the paper's official method, re-implemented from its description (docs/method.md): hooks
@@ -41,7 +44,8 @@ from fastattr import ops
 from fastattr.info import provenance
 
 METHODS = ["plain", "fastattr", "fastattr-no-locality", "fastattr+check", "fastattr-joint", "fastattr-joint-no-locality",
-           "fastattr-reference", "materialise", "vmap", "vmap-per-param"]
+           "fastattr-reference", "fastattr-kernel-no-locality", "fastattr-eager-no-locality", "materialise", "vmap",
+           "vmap-per-param"]
 
 
 def make_case(hidden: int, n: int, seed: int = 0):
@@ -99,6 +103,10 @@ def methods(actor, obs, act, adv, adv_n):
         finally:
             ops._use_kernel = saved
 
+    def fast_backend(backend):
+        return lambda: fastattr.score(actor, record_loss, target_loss, deterministic=False, check_locality=False,
+                                      backend=backend)
+
     def one(p, o, a, w):
         return -w * torch.log_softmax(functional_call(actor, p, (o[None],)), -1).gather(1, a.reshape(1, 1))[0, 0]
 
@@ -143,7 +151,8 @@ def methods(actor, obs, act, adv, adv_n):
 
     return {"plain": plain, "fastattr": fast, "fastattr-no-locality": fast_no_locality, "fastattr+check": fast_check,
             "fastattr-joint": fast_joint, "fastattr-joint-no-locality": fast_joint_no_locality,
-            "fastattr-reference": fast_reference,
+            "fastattr-reference": fast_reference, "fastattr-kernel-no-locality": fast_backend("kernel"),
+            "fastattr-eager-no-locality": fast_backend("eager"),
             "vmap": via_vmap, "vmap-per-param": via_vmap_per_param, "materialise": materialise}
 
 

@@ -120,8 +120,9 @@ def has_gram_form(module: nn.Module) -> bool:
     return not isinstance(module, CONV) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1)
 
 
-def aggregated(layer: Layer, grads: list, G: dict, n: int, dtype, chunk: int) -> Tensor:
-    """[N]: sum over the layer's record calls of <grad l_i, G> for its selected parameters. G: {'weight', 'bias'}."""
+def aggregated(layer: Layer, grads: list, G: dict, n: int, dtype, chunk: int, backend: str = "auto") -> Tensor:
+    """[N]: sum over the layer's record calls of <grad l_i, G> for its selected parameters. G: {'weight', 'bias'}.
+    backend: ops.grad_dot's."""
     m = layer.module
     gw = G.get("weight") if layer.use_weight else None
     gb = G.get("bias") if layer.use_bias else None
@@ -140,7 +141,7 @@ def aggregated(layer: Layer, grads: list, G: dict, n: int, dtype, chunk: int) ->
             w = gw.to(dtype)
             for s in range(0, n, chunk):
                 with for_kernels():
-                    total[s:s + chunk] += ops.grad_dot(x3[s:s + chunk], g3[s:s + chunk], w, b)
+                    total[s:s + chunk] += ops.grad_dot(x3[s:s + chunk], g3[s:s + chunk], w, b, backend=backend)
         elif layer.kind == "conv":
             for s in range(0, n, chunk):
                 xc, gc = x[s:s + chunk].to(dtype), g[s:s + chunk].to(dtype)

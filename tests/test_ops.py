@@ -34,6 +34,45 @@ def test_grad_dot_shapes(n, d_in, d_out):
     assert within_tolerance(ours, torch_err, scale, torch.float32)
 
 
+@pytest.mark.parametrize("n,t,d_in,d_out", [
+    (5, 1, 8, 256), (1100, 1, 8, 64), (37, 3, 17, 40), (2100, 1, 40, 17), (70, 2, 64, 4), (3, 5, 16, 16),
+])
+@pytest.mark.parametrize("bias", [True, False])
+def test_grad_dot_layer_shapes(n, t, d_in, d_out, bias):
+    """Narrow and wide layers both ways round, T > 1, one block of records and several, with and without bias."""
+    k = kernel("grad_dot")
+    x, g = make_layer(n, t, d_in, d_out, torch.float64, flat=t == 1, seed=n)
+    target = torch.randn(d_out, d_in, dtype=torch.float64)
+    b = torch.randn(d_out, dtype=torch.float64) if bias else None
+    torch.testing.assert_close(k(x, g, target, b), reference.grad_dot(x, g, target, b), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [9, 300, 2100])
+def test_kernels_do_not_depend_on_the_thread_count(n):
+    """Bit-identical on one and two threads, with one block of records (where MKL, left alone, splits some small
+    GEMMs differently on two threads, e.g. [9, 16] x [16, 300]) and with several."""
+    for op in OPS:
+        kernel(op)
+    x, g = make_layer(n, 1, 9, 16, flat=True, seed=1)
+    y, h = make_layer(300, 1, 9, 16, flat=True, seed=2)
+    u, v = make_layer(n, 2, 16, 5, seed=3)
+    w, z = make_layer(40, 3, 16, 5, seed=4)
+    calls = [lambda: torch.ops.fastattr.grad_dot(x, g, torch.randn(16, 9, generator=torch.Generator().manual_seed(0)),
+                                                 None),
+             lambda: torch.ops.fastattr.grad_sim_reduce([x, u], [g, v], [y[:40], w], [h[:40], z], "sum", 0.0),
+             lambda: torch.ops.fastattr.grad_sim_reduce([x], [g], [y], [h], "none", 0.0),
+             lambda: torch.ops.fastattr.grad_norm([x, u], [g, v])]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = [f() for f in calls]
+        torch.set_num_threads(2)
+        two = [f() for f in calls]
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
 def test_grad_sim_reduce_matches_full_matrix_reduction():
     k = kernel("grad_sim_reduce")
     xa, ga = make_layer(300, 2, 8, 5, torch.float64, seed=3)
@@ -196,6 +235,7 @@ def test_torch_compile_fullgraph(op):
 
 def test_wrapper_fallback_is_loud(monkeypatch):
     monkeypatch.delenv("FASTATTR_STRICT", raising=False)
+    monkeypatch.setattr(ops, "choose", lambda *args: "kernel")  # auto picks the kernel, which is missing
     monkeypatch.setattr(ops, "has_kernel", lambda op, device: False)
     monkeypatch.setattr(ops, "_warned", set())
     x, g = make_layer(4, 1, 3, 2, flat=True)
