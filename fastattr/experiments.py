@@ -7,13 +7,11 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import filtering, ppo
+from .launch import run_all
 from .runinfo import parse_int_list
 from .rl.config import Args, paper_overrides, validate_args
 from .rl.rundir import args_differences, checkpoint_path, load_checkpoint, recorded_args, semantic_args
@@ -167,41 +165,6 @@ def main_compare(argv: list[str] | None = None) -> int:
     if paths:
         print("\n".join(f"wrote {p}" for p in paths))
     return 1 if failed or (opts.aggregate_only and not paths) else 0
-
-
-def run_all(jobs: dict[str, tuple[list[str], str]], n_parallel: int, out: Path, n_runs: int) -> list[str] | None:
-    """Runs each job `label: (command, log name)` as a subprocess, `n_parallel` at a time, its output appended to
-    OUT/logs/<log name>.log, with a progress bar. Returns the labels of the jobs that failed, or None after Ctrl-C
-    (the runs got it too and stop, each keeping its last finished round). `n_runs`: all runs, finished ones included."""
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    print(f"compare: {n_runs - len(jobs)} of {n_runs} runs already finished; running {len(jobs)} with "
-          f"{min(n_parallel, max(len(jobs), 1))} parallel jobs (logs in {out / 'logs'})", flush=True)
-
-    def launch(label: str) -> tuple[str, int]:
-        cmd, name = jobs[label]
-        with open(out / "logs" / f"{name}.log", "a") as log:
-            log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
-            log.flush()
-            return label, subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-
-    from tqdm.auto import tqdm
-
-    failed = []
-    pool = ThreadPoolExecutor(max_workers=n_parallel)
-    try:
-        with tqdm(total=len(jobs), unit="run", desc="compare") as bar:
-            for label, rc in pool.map(launch, jobs):
-                bar.update(1)
-                if rc != 0:
-                    failed.append(label)
-                    bar.write(f"compare: {label} failed (exit {rc}); see {out / 'logs'}")
-    except KeyboardInterrupt:
-        pool.shutdown(wait=False, cancel_futures=True)
-        print(f"\ncompare: interrupted; finished rounds are kept: run the same command again to resume "
-              f"({out / 'runs'})", file=sys.stderr)
-        return None
-    pool.shutdown()
-    return failed
 
 
 def runs_with_other_settings(runs: dict[tuple[str, int], Path], args: Args) -> list[str]:

@@ -13,7 +13,7 @@ from _rlhf_tiny import TINY_EXPERIMENT, tiny_task
 
 pytest.importorskip("trl")
 
-from fastattr import experiments, report
+from fastattr import experiments, launch, report
 from fastattr.rlhf import cli
 from fastattr.rlhf.experiment import run_rlhf
 
@@ -114,7 +114,7 @@ def compared(tmp_path_factory):
         return failed
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(experiments, "run_all", in_process)
+    mp.setattr(launch, "run_all", in_process)
     try:
         rc = experiments.main_compare(["--rlhf", "--trainer", "ppo", "--seeds", "0-1", "--methods", ",".join(METHODS),
                                        "--rounds", "2", "--out", str(out), "--config", TINY, "--cache-dir", str(cache)])

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fastattr import experiments, ppo, runinfo
+from fastattr import experiments, launch, ppo, runinfo
 from fastattr.rl.config import Args
 from fastattr.rl.rundir import checkpoint_path, theta_path
 from fastattr.store import round_path
@@ -171,7 +171,7 @@ def test_ctrl_c_in_compare_is_a_message(tmp_path, monkeypatch, capsys):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(experiments.subprocess, "run", interrupted)
+    monkeypatch.setattr(launch.subprocess, "run", interrupted)
     rc = experiments.main_compare(["--env-id", "CartPole-v1", "--seeds", "0", "--methods", "ppo", "--out",
                                    str(tmp_path / "cmp"), "--jobs", "1", "--total-timesteps", "128", "--n-steps", "64"])
     assert rc == 130 and "interrupted" in capsys.readouterr().err

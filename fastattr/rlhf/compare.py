@@ -81,7 +81,7 @@ def _build_task_once(config: ExperimentConfig, cache_dir: str) -> None:
 
 def main_compare_rlhf(opts: argparse.Namespace, rest: list[str]) -> int:
     """`fastattr compare --rlhf` (options parsed by fastattr.experiments.compare_parser)."""
-    from ..experiments import run_all
+    from ..launch import run_all
 
     try:
         trainers, methods, seeds, config = _plan(opts, rest)
