@@ -70,15 +70,16 @@ class _Plan:
         return {n: p for n, p in self.params.items() if id(p) not in fast}
 
     def to_general(self, layer: Layer, why: str, only: nn.Parameter | None = None) -> None:
-        """Sends a layer's selected parameters (or just `only`) to the general path."""
-        for p in layer.params():
-            if only is None or p is only:
-                self.why.setdefault(self.name_of(p), why)
-        if only is not None and len(layer.params()) > 1:
-            layer.use_weight = layer.use_weight and only is not layer.module.weight
-            layer.use_bias = layer.use_bias and only is not layer.module.bias
-        else:
-            self.layers = [x for x in self.layers if x is not layer]
+        """Sends a layer's selected parameters (or just `only`) to the general path, from every layer holding them
+        (a weight tied across modules is scored on one path or the other, never both)."""
+        leaving = [only] if only is not None else layer.params()
+        for p in leaving:
+            self.why.setdefault(self.name_of(p), why)
+        ids = {id(p) for p in leaving}
+        for x in self.layers:
+            x.use_weight = x.use_weight and id(x.module.weight) not in ids
+            x.use_bias = x.use_bias and id(getattr(x.module, "bias", None)) not in ids
+        self.layers = [x for x in self.layers if x.params()]
 
 
 def _select(model: nn.Module, params) -> dict[str, nn.Parameter]:
@@ -125,14 +126,6 @@ def _plan(model: nn.Module, params) -> _Plan:
             f"model: parameters and buffers live on several devices {sorted(map(str, devices))}; move the model to "
             "one device (model.to(device)) before scoring"
         )
-    # A Parameter held by two modules (tied weights, e.g. an output head sharing an embedding's table) is used in
-    # both, and neither module's capture sees the other's use: such parameters go to the general path.
-    owners: dict[int, int] = {}
-    for m in model.modules():
-        if ghost.kind_of(m) is not None or affine.is_candidate(m):
-            for p in (getattr(m, "weight", None), getattr(m, "bias", None)):
-                if isinstance(p, nn.Parameter):
-                    owners[id(p)] = owners.get(id(p), 0) + 1
     layers, why = [], {}
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
@@ -145,12 +138,8 @@ def _plan(model: nn.Module, params) -> _Plan:
         if kind is None:
             continue
         w, b = getattr(m, "weight", None), getattr(m, "bias", None)
-        selected = [p for p in (w, b) if isinstance(p, nn.Parameter) and id(p) in chosen_ids]
-        tied = [p for p in selected if owners[id(p)] > 1]
-        for p in tied:
-            why[next(k for k, q in chosen.items() if q is p)] = "shared with another module (tied weights)"
-        use_w = w is not None and id(w) in chosen_ids and owners[id(w)] == 1
-        use_b = isinstance(b, nn.Parameter) and id(b) in chosen_ids and owners[id(b)] == 1
+        use_w = isinstance(w, nn.Parameter) and id(w) in chosen_ids  # a weight tied to several modules: each
+        use_b = isinstance(b, nn.Parameter) and id(b) in chosen_ids  # call adds its part of the gradient
         if not (use_w or use_b):
             continue
         if kind == "embedding" and (m.scale_grad_by_freq or m.max_norm is not None):
@@ -327,14 +316,17 @@ def _module_nodes(calls: list[Call]) -> set:
     return nodes
 
 
-def _used_outside(roots: list[Tensor], layers: list[Layer], side: str) -> dict[int, Layer]:
-    """Layers (by the id of a parameter) one of whose selected parameters is reached from `roots` through a node
-    that is not part of one of the layer's own calls: the fast path would not see that use."""
-    owner = {id(p): layer for layer in layers for p in layer.params()}
-    if not owner:
+def _used_outside(roots: list[Tensor], layers: list[Layer], side: str) -> dict[int, nn.Parameter]:
+    """The selected parameters (by id) reached from `roots` through a node that is not part of a call of a layer
+    holding them: the fast path would not see that use. A weight tied across layers may be used by any of them."""
+    owners: dict[int, list[Layer]] = {}
+    for layer in layers:
+        for p in layer.params():
+            owners.setdefault(id(p), []).append(layer)
+    if not owners:
         return {}
     own = {id(layer): _module_nodes(layer.calls if side == "records" else layer.target_calls) for layer in layers}
-    found: dict[int, Layer] = {}
+    found: dict[int, nn.Parameter] = {}
     seen: set = set()
     stack = [r.grad_fn for r in roots if r.grad_fn is not None]
     while stack:
@@ -347,9 +339,9 @@ def _used_outside(roots: list[Tensor], layers: list[Layer], side: str) -> dict[i
                 continue
             var = getattr(nxt, "variable", None)  # an AccumulateGrad node: a leaf tensor
             if var is not None:
-                layer = owner.get(id(var))
-                if layer is not None and node not in own[id(layer)]:
-                    found[id(var)] = layer
+                held = owners.get(id(var))
+                if held is not None and not any(node in own[id(layer)] for layer in held):
+                    found[id(var)] = var
             elif nxt not in seen:
                 stack.append(nxt)
     return found
@@ -717,8 +709,8 @@ class _Job:
                         for w in [affine.why_not_affine(layer, c, inputs)] if w), None)
             if why:
                 plan.to_general(layer, why)
-        for p_id, layer in _used_outside([self.losses], plan.layers, "records").items():
-            param = next(p for p in layer.params() if id(p) == p_id)
+        for param in _used_outside([self.losses], plan.layers, "records").values():
+            layer = next(x for x in plan.layers if any(p is param for p in x.params()))
             plan.to_general(layer, "has a parameter used outside the module's own calls (e.g. "
                                    "F.linear(x, module.weight), a regulariser, or a forward hook)", only=param)
 
@@ -837,6 +829,11 @@ class _Job:
         for layer in list(plan.layers):
             if (isinstance(layer, affine.AffineLayer) or not ghost.has_gram_form(layer.module)) and self.pg is None:
                 plan.to_general(layer, "has no pairwise (Gram) form (Conv3d, a grouped conv, or an affine layer)")
+        held = [p for layer in plan.layers for p in layer.params()]
+        for p in {id(q): q for q in held if sum(q is r for r in held) > 1}.values():  # the Gram of a sum is not
+            layer = next(x for x in plan.layers if any(q is p for q in x.params()))  # the sum of the Grams
+            plan.to_general(layer, "is shared with another module (tied weights), which the Gram form cannot split",
+                            only=p)
         grads, reverse = self.output_grads()
         gram = self.pg is None and plan.layers and self._one_row_per_target()
         if not gram:

@@ -215,7 +215,7 @@ def test_paths_per_architecture(float64_throughout):
     assert gpt2["transformer.h.0.mlp.c_fc.weight"] == "affine"
     assert gpt2["transformer.h.0.ln_1.weight"] == "affine"
     assert gpt2["transformer.wpe.weight"] == "embedding"  # position ids [N, T] (padding-aware)
-    assert gpt2["transformer.wte.weight"] == "general: shared with another module (tied weights)"
+    assert gpt2["transformer.wte.weight"] in ("embedding", "linear")  # tied to the LM head: both calls add up
     neo = paths("gpt-neo", False)
     assert neo["transformer.h.0.attn.attention.q_proj.weight"] == "linear"
     assert neo["transformer.h.0.mlp.c_fc.weight"] == "linear"
@@ -229,23 +229,19 @@ def test_paths_per_architecture(float64_throughout):
         assert set(paths(arch, True).values()) == {"linear"}, arch
 
 
-@pytest.mark.xfail(raises=fastattr.ScoringError, strict=True,
-                   reason="refused: transformers' enable_input_require_grads() (registered by gradient checkpointing, "
-                          "TRL's default) adds a forward hook calling output.requires_grad_(), which forward-mode AD "
-                          "(the general path, here for the norms and the tied embedding) cannot run; "
-                          "fastattr.integrations.trl lifts the hook while scoring")
 def test_input_require_grads_hook():
+    """transformers' enable_input_require_grads() (registered by gradient checkpointing, TRL's default) adds a forward
+    hook calling output.requires_grad_(), which forward-mode AD cannot run: every parameter here takes a fast path
+    (tied embedding and norms included), so no forward-mode pass runs and the scores are exact."""
     model, records, adv, target = case("gpt-neo", lora=False, dtype=torch.float32)
     model.enable_input_require_grads()
-    scores.score(model, records, adv, target)
+    assert rel_err(scores.score(model, records, adv, target), oracle(model, records, adv, target)) < 1e-4
 
 
-@pytest.mark.xfail(raises=fastattr.ScoringError, strict=True,
-                   reason="refused: a forward under bf16 autocast (accelerate's mixed-precision wrapper, TRL's default "
-                          "bf16=True) gives forward-mode scores that disagree with reverse mode beyond the check's "
-                          "tolerance; fastattr.integrations.trl scores the unwrapped forward in the parameters' dtype")
 def test_bf16_autocast_forward():
+    """A forward under bf16 autocast (accelerate's mixed-precision wrapper, TRL's default bf16=True): the fast paths
+    score the bf16 computation the model runs, as autograd differentiates it (to bf16 rounding)."""
     model, records, adv, target = case("gpt-neo", lora=False, dtype=torch.float32)
     forward = model.forward
     model.forward = lambda *args, **kwargs: torch.autocast("cpu", dtype=torch.bfloat16)(forward)(*args, **kwargs)
-    scores.score(model, records, adv, target)
+    assert rel_err(scores.score(model, records, adv, target), oracle(model, records, adv, target)) < 3e-2
