@@ -10,8 +10,8 @@ likewise for the bias. A(G) = M(w=G, b=0) - M(w=0, b=0) is one call of the modul
 weight (the trick the convolutions use), so no per-record gradient and no forward-mode pass is formed, whatever the
 module's arithmetic (casts to float32 included). Candidates are modules with a `weight` (and at most a `bias`) of their
 own and no parameters in submodules, called on one tensor; that they are affine is checked on each call with random
-parameters (M(r1) + M(r2) = M(r1 + r2) + M(0), and the weight and bias parts add up), and also that calling the module
-again reproduces its output; a module that fails goes to the general path.
+parameters (see why_not_affine), which also catches a module whose output changes from call to call; a module that
+fails goes to the general path.
 """
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ from .ghost import Layer
 @dataclass
 class AffineLayer(Layer):
     """A Layer scored through the module's affinity in its parameters; `inputs` holds each record-side call's
-    (args, kwargs), detached, so the module can be called again."""
+    (args, kwargs), detached, so the module can be called again, and `bases` its output with zero parameters."""
 
     inputs: list = field(default_factory=list)
+    bases: list = field(default_factory=list)
 
     @property
     def kind(self) -> str:
@@ -60,7 +61,10 @@ def _close(a: Tensor, b: Tensor, scale: float) -> bool:
 
 
 def why_not_affine(layer: AffineLayer, call, inputs) -> str | None:
-    """None when the call is affine in the module's parameters as the fast path assumes, else the reason."""
+    """None when the call is affine in the module's parameters as the fast path assumes, else the reason. Along a
+    random direction r of the weight (and s of the bias): M(w + r, b) = y + M(r, 0) - M(0, 0), and
+    M(w, b + s) = y + M(0, s) - M(0, 0), with y the output the forward produced (so a module whose result changes from
+    call to call fails too). Keeps M(0, 0) for `aggregated`."""
     args, kwargs = inputs
     tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, Tensor)]
     if len(tensors) != 1:
@@ -69,38 +73,34 @@ def why_not_affine(layer: AffineLayer, call, inputs) -> str | None:
     w = m.weight.detach()
     b = m.bias.detach() if isinstance(getattr(m, "bias", None), nn.Parameter) else None
     gen = torch.Generator().manual_seed(0xAFF)
-    r1, r2 = (torch.rand(w.shape, generator=gen, dtype=torch.float64).add_(0.5).to(w) for _ in range(2))
-    zero = torch.zeros_like(w)
+    r = torch.rand(w.shape, generator=gen, dtype=torch.float64).add_(0.5).to(w)
     y = call.y.detach()
-    scale = float(y.abs().amax()) if y.numel() else 0.0
-    if not _close(_call(m, inputs, w, b), y, scale):
-        return "gives another output when called again (randomness or state in forward)"
-    m0 = _call(m, inputs, zero, None)
-    if not _close(_call(m, inputs, r1, None) + _call(m, inputs, r2, None), _call(m, inputs, r1 + r2, None) + m0,
-                  scale + float(m0.abs().amax())):
-        return "is not affine in its weight"
+    base = _call(m, inputs, torch.zeros_like(w), None)
+    scale = (float(y.abs().amax()) + float(base.abs().amax())) if y.numel() else 0.0
+    if not _close(_call(m, inputs, w + r, b), y + _call(m, inputs, r, None) - base, scale):
+        return "is not affine in its weight (or gives another output when called again)"
     if b is not None:
-        rb = torch.rand(b.shape, generator=gen, dtype=torch.float64).add_(0.5).to(b)
-        if not _close(_call(m, inputs, r1, rb) + m0, _call(m, inputs, r1, None) + _call(m, inputs, zero, rb),
-                      scale + float(m0.abs().amax())):
+        s = torch.rand(b.shape, generator=gen, dtype=torch.float64).add_(0.5).to(b)
+        if not _close(_call(m, inputs, w, b + s), y + _call(m, inputs, torch.zeros_like(w), s) - base, scale):
             return "is not affine in its weight and bias together"
+    layer.bases.append(base)
     return None
 
 
 def aggregated(layer: AffineLayer, grads: list, G: dict, n: int, dtype) -> Tensor:
-    """[N]: sum over the layer's record calls of <grad l_i, G> for its selected parameters. G: {'weight', 'bias'}."""
+    """[N]: sum over the layer's record calls of <grad l_i, G> for its selected parameters. G: {'weight', 'bias'}:
+    the module called with the target gradient as parameters, minus M(0, 0), is d y/d theta applied to G."""
     m = layer.module
     total = torch.zeros(n, dtype=reference.score_dtype(dtype), device=m.weight.device)
-    zero = torch.zeros_like(m.weight)
-    for call, inputs, g in zip(layer.calls, layer.inputs, grads):
+    gw = G.get("weight") if layer.use_weight else None
+    gb = G.get("bias") if layer.use_bias else None
+    if gw is None and gb is None:
+        return total
+    weight = gw.to(m.weight.dtype) if gw is not None else torch.zeros_like(m.weight)
+    bias = gb.to(m.bias.dtype) if gb is not None else None
+    for call, inputs, base, g in zip(layer.calls, layer.inputs, layer.bases, grads):
         if g is None:
             continue
-        base = _call(m, inputs, zero, None)
-        parts = []
-        if layer.use_weight and G.get("weight") is not None:
-            parts.append(_call(m, inputs, G["weight"].to(m.weight.dtype), None) - base)
-        if layer.use_bias and G.get("bias") is not None:
-            parts.append(_call(m, inputs, zero, G["bias"].to(m.bias.dtype)) - base)
-        for direction in parts:  # d y / d params applied to G
-            total += (g.to(dtype) * direction.to(dtype)).reshape(n, -1).sum(1).to(total.dtype)
+        direction = _call(m, inputs, weight, bias) - base
+        total += (g.to(dtype) * direction.to(dtype)).reshape(n, -1).sum(1).to(total.dtype)
     return total

@@ -175,7 +175,7 @@ class _Capture:
         for layer in self.layers:
             layer.calls, layer.target_calls = [], []
             if isinstance(layer, affine.AffineLayer):
-                layer.inputs = []
+                layer.inputs, layer.bases = [], []
             self.handles.append(layer.module.register_forward_hook(self._hook(layer), with_kwargs=True, prepend=True))
         return self
 
@@ -705,8 +705,8 @@ class _Job:
                 plan.to_general(layer, f"is called on an input of shape {shape}, whose leading dimension is not the "
                                        f"N={n} records")
         for layer in [x for x in plan.layers if isinstance(x, affine.AffineLayer)]:
-            why = next((w for c, inputs in zip(layer.calls, layer.inputs) if c.y.requires_grad
-                        for w in [affine.why_not_affine(layer, c, inputs)] if w), None)
+            reasons = [affine.why_not_affine(layer, c, inputs) for c, inputs in zip(layer.calls, layer.inputs)]
+            why = next((w for w in reasons if w), None)
             if why:
                 plan.to_general(layer, why)
         for param in _used_outside([self.losses], plan.layers, "records").values():

@@ -173,10 +173,36 @@ def gpt_sequences(dtype, tied=False):
     return m, lambda model: token_nll(model, ids).sum(1), lambda model: token_nll(model, ids_t).mean()
 
 
+class SquaredScale(nn.Module):
+    """A norm-like module that is not affine in its weight (y = w^2 x): must leave the affine fast path."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, 16))
+
+    def forward(self, x):
+        return self.weight ** 2 * x
+
+
+def affine_modules(dtype):
+    """PReLU (affine with a nonzero part at zero weight), GroupNorm, a BatchNorm in eval mode, and a squared scale."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(D, 16), nn.PReLU(16), nn.GroupNorm(4, 16), SquaredScale(), nn.BatchNorm1d(16),
+                      nn.Tanh(), nn.Linear(16, 1)).eval()
+    with torch.no_grad():  # drawn in float32 before the cast: the same model in every dtype
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        m[4].running_mean.normal_(), m[4].running_var.uniform_(0.5, 2)
+    m = m.to(dtype)
+    d = data(dtype)
+    return m, lambda model: model(d["obs"]).squeeze(-1) ** 2, lambda model: model(d["probe"]).sum()
+
+
 CASES = {"td_next_row": td_next_row, "td_two_calls": td_two_calls, "td_concatenated": td_concatenated,
          "normalised_by_sum": normalised_by_sum, "normalised_by_mean": normalised_by_mean,
          "functional_weight": functional_weight, "batch_statistics": batch_statistics,
-         "gpt_sequences": gpt_sequences, "gpt_tied_head": lambda dtype: gpt_sequences(dtype, tied=True)}
+         "gpt_sequences": gpt_sequences, "gpt_tied_head": lambda dtype: gpt_sequences(dtype, tied=True),
+         "affine_modules": affine_modules}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -215,6 +241,9 @@ def test_the_paths_taken_are_the_ones_expected():
     paths = fastattr.explain(*gpt_sequences(torch.float64)).paths
     assert paths["wpe.weight"] == "embedding" and paths["qkv.weight"] == "linear"  # the broadcast call is expanded
     assert paths["ln1.weight"] == "affine"
+    paths = fastattr.explain(*affine_modules(torch.float64)).paths
+    assert paths["1.weight"] == paths["2.weight"] == paths["4.weight"] == "affine"  # PReLU, GroupNorm, BatchNorm
+    assert paths["3.weight"].startswith("general: is not affine")
     paths = fastattr.explain(*td_concatenated(torch.float64)).paths
     assert "leading dimension is not the N=12 records" in paths["0.weight"]
 
