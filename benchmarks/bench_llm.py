@@ -9,13 +9,12 @@ of the per-round ratios to plain):
   fastattr-joint     records and target from one forward (the target is the records' own: "batch")
   fastattr-no-locality  the same as fastattr with check_locality=False (what the row-locality check costs)
   fastattr-fast-params  fastattr on the parameters that take a fast path only (what the general forward-mode path
-                     costs for the others: norms, tied embeddings, GPT-2's Conv1D)
+                     costs for the others, if any are left)
   loop               per-sample autograd: one backward per record, dotted with the target gradient
   vmap               torch.func.vmap(grad) per-sample gradients dotted with the target gradient
 Models: a Llama-style LM from LlamaConfig (4 layers, width 128, the default shape), the task's GPT-Neo (2 layers,
-width 64) and a GPT-2 of the Llama's size (its Conv1D weights are not a Linear fastattr's fast path knows, so they take
-the general forward-mode path: the row shows what that costs). Each model with every parameter and with LoRA (r=8 on
-every Linear / Conv1D).
+width 64) and a GPT-2 of the Llama's size (its Conv1D weights, its norms and its LM head tied to the embedding take
+the affine and tied fast paths). Each model with every parameter and with LoRA (r=8 on every Linear / Conv1D).
 
 The GRPO section runs fastattr.integrations.trl.IIFGRPOTrainer on the task's GPT-Neo (LoRA, 64 completions per
 generation batch, one optimizer step per generation) and reports the attribution seconds as a fraction of the step
