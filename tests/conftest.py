@@ -17,3 +17,20 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored after): the loops under test pin theirs the same way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny():
+    """The small RLHF task of tests/_rlhf_tiny.py as (task, cache_dir), built once per test process."""
+    from _rlhf_tiny import tiny_task
+
+    return tiny_task()

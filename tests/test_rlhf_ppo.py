@@ -5,7 +5,6 @@ import copy
 
 import pytest
 import torch
-from _rlhf_tiny import tiny_task
 
 import fastattr
 from fastattr.rlhf import ppo as ppo_module
@@ -16,18 +15,7 @@ from fastattr.testing import brute_force_scores
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-
-@pytest.fixture
-def tiny():
-    return tiny_task()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # scores and timings as in the loop, whatever the machine
 
 
 def make_loop(task, seed=0, **cfg):

@@ -24,16 +24,10 @@ from fastattr.rlhf import scores
 from fastattr.rlhf.sequences import Sequences, completion_mask, pad_rows
 from fastattr.testing import brute_force_scores
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # scores and timings as in the loop, whatever the machine
+
 V, PAD, EOS = 40, 0, 2
 ARCHS = ("gpt2", "gpt-neo", "llama")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

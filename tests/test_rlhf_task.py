@@ -7,7 +7,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from _rlhf_tiny import TINY_TASK, tiny_task
+from _rlhf_tiny import TINY_TASK
 
 from fastattr.rlhf.sequences import Sequences, completion_mask, pad_rows
 from fastattr.rlhf.task import EOS, PAD, TOXIC_PHRASES, Language, TaskConfig, build_task
@@ -15,18 +15,7 @@ from fastattr.rlhf.task import EOS, PAD, TOXIC_PHRASES, Language, TaskConfig, bu
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-
-@pytest.fixture
-def tiny():
-    return tiny_task()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # scores and timings as in the loop, whatever the machine
 
 
 def test_language_is_deterministic_from_its_seed():

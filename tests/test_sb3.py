@@ -19,16 +19,10 @@ from stable_baselines3.common.preprocessing import preprocess_obs  # noqa: E402
 
 from fastattr.integrations.sb3 import IIFPPO, is_actor_param  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # scores and timings as in the loop, whatever the machine
+
 SMALL = dict(n_steps=128, batch_size=32, n_epochs=2, device="cpu")
 TINY = dict(n_steps=64, batch_size=16, device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class TinyImageEnv(gym.Env):

@@ -16,15 +16,9 @@ from fastattr.integrations.trl import IIFGRPOTrainer
 from fastattr.rlhf.task import Language, make_lm
 from fastattr.testing import brute_force_scores
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # scores and timings as in the loop, whatever the machine
+
 LANG = Language(0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reward(completion_ids, **kwargs):
