@@ -23,6 +23,7 @@ A filter that would keep no record keeps all of them (with a warning), so an upd
 """
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from dataclasses import dataclass
@@ -69,6 +70,16 @@ def check_filter(method: str) -> str:
     if method not in FILTERS:
         raise ValueError(f"filter must be one of {', '.join(FILTERS)}, got {method!r}")
     return "ppo" if method == "none" else method
+
+
+def check_trainer_args(owner: str, filter: str, p, filters: tuple[str, ...], plain: str, records: str) -> None:
+    """The argument checks every trainer adapter shares: `filter` among the adapter's `filters`, p in (0, 1]."""
+    if filter not in filters:
+        raise ValueError(f"{owner}: filter must be one of {', '.join(map(repr, filters))}, got {filter!r}; use 'none' "
+                         f"to train as plain {plain} while still computing the scores")
+    if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 < float(p) <= 1.0:
+        raise ValueError(f"{owner}: p (the fraction of negative-score {records} to drop) must be a number in (0, 1], "
+                         f"got {p!r}; the paper uses 0.5, 0.125 or 0.0625")
 
 
 def select(model: nn.Module, log_prob: Callable[[nn.Module], Tensor], advantages: Tensor, *, method: str = "iif",

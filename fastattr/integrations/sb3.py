@@ -27,7 +27,6 @@ MultiDiscrete actions; MultiBinary actions and gSDE take the same code path but 
 from __future__ import annotations
 
 import inspect
-import numbers
 import time
 import warnings
 from collections.abc import Generator
@@ -119,12 +118,7 @@ class IIFPPO(PPO):
 
     def __init__(self, policy, env, *args, filter: str = "iif", p: float = 0.5, minibatch_remainder: str = "keep",
                  score_kwargs: dict[str, Any] | None = None, **kwargs):
-        if filter not in FILTERS:
-            raise ValueError(f"IIFPPO: filter must be one of {', '.join(map(repr, FILTERS))}, got {filter!r}; use "
-                             "'none' to train as plain PPO while still computing the scores")
-        if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 < float(p) <= 1.0:
-            raise ValueError(f"IIFPPO: p (the fraction of negative-score records to drop) must be a number in (0, 1], "
-                             f"got {p!r}; the paper uses 0.5, 0.125 or 0.0625")
+        iif.check_trainer_args("IIFPPO", filter, p, FILTERS, plain="PPO", records="records")
         if minibatch_remainder not in REMAINDERS:
             raise ValueError(f"IIFPPO: minibatch_remainder must be 'keep' (SB3: use the last partial minibatch) or "
                              f"'drop' (skip it), got {minibatch_remainder!r}")

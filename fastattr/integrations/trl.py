@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import numbers
 import time
 import warnings
 from collections.abc import Callable
@@ -48,7 +47,7 @@ from torch import Tensor, nn
 from trl import GRPOTrainer
 
 import fastattr
-from fastattr import filtering
+from fastattr import filtering, iif
 from fastattr.rlhf import scores as rlhf_scores
 from fastattr.rlhf.sequences import Sequences
 
@@ -104,12 +103,7 @@ class IIFGRPOTrainer(GRPOTrainer):
 
     def __init__(self, *args, filter: str = "iif", p: float = 0.5, target: str | Callable = "batch",
                  score_kwargs: dict | None = None, **kwargs):
-        if filter not in FILTERS:
-            raise ValueError(f"IIFGRPOTrainer: filter must be one of {', '.join(map(repr, FILTERS))}, got {filter!r}; "
-                             "use 'none' to train as plain GRPO while still computing the scores")
-        if not isinstance(p, numbers.Real) or isinstance(p, bool) or not 0.0 < float(p) <= 1.0:
-            raise ValueError(f"IIFGRPOTrainer: p (the fraction of negative-score completions to drop) must be a number "
-                             f"in (0, 1], got {p!r}")
+        iif.check_trainer_args("IIFGRPOTrainer", filter, p, FILTERS, plain="GRPO", records="completions")
         if not (target == "batch" or callable(target)):
             raise ValueError(f"IIFGRPOTrainer: target must be 'batch' or a callable target(trainer) -> "
                              f"target_loss(model), got {target!r}")
