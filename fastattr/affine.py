@@ -55,9 +55,16 @@ def _call(module: nn.Module, inputs, weight: Tensor | None, bias: Tensor | None)
         return torch.func.functional_call(module, params, args, kwargs)
 
 
-def _close(a: Tensor, b: Tensor, scale: float) -> bool:
-    tol = (1e-10 if a.dtype == torch.float64 else 1e-5) * max(scale, 1e-30)
-    return a.shape == b.shape and float((a - b).abs().amax()) <= tol if a.numel() else a.shape == b.shape
+def _affine_along(moved: Tensor, y: Tensor, step: Tensor, base: Tensor) -> bool:
+    """moved == y + step - base up to the rounding of the dtype, relative to the largest of the four terms (the step
+    along a random direction can be far larger than y: the rounding of its matmul scales with it)."""
+    if moved.shape != y.shape or step.shape != y.shape:
+        return False
+    if not moved.numel():
+        return True
+    scale = max(float(t.abs().amax()) for t in (moved, y, step, base))
+    tol = (1e-10 if moved.dtype == torch.float64 else 1e-5) * max(scale, 1e-30)
+    return float((moved - (y + step - base)).abs().amax()) <= tol
 
 
 def why_not_affine(layer: AffineLayer, call, inputs) -> str | None:
@@ -76,12 +83,11 @@ def why_not_affine(layer: AffineLayer, call, inputs) -> str | None:
     r = torch.rand(w.shape, generator=gen, dtype=torch.float64).add_(0.5).to(w)
     y = call.y.detach()
     base = _call(m, inputs, torch.zeros_like(w), None)
-    scale = (float(y.abs().amax()) + float(base.abs().amax())) if y.numel() else 0.0
-    if not _close(_call(m, inputs, w + r, b), y + _call(m, inputs, r, None) - base, scale):
+    if not _affine_along(_call(m, inputs, w + r, b), y, _call(m, inputs, r, None), base):
         return "is not affine in its weight (or gives another output when called again)"
     if b is not None:
         s = torch.rand(b.shape, generator=gen, dtype=torch.float64).add_(0.5).to(b)
-        if not _close(_call(m, inputs, w, b + s), y + _call(m, inputs, torch.zeros_like(w), s) - base, scale):
+        if not _affine_along(_call(m, inputs, w, b + s), y, _call(m, inputs, torch.zeros_like(w), s), base):
             return "is not affine in its weight and bias together"
     layer.bases.append(base)
     return None

@@ -197,6 +197,21 @@ def test_stock_llama_float64_all_parameters():
     assert rel_err(scores.score(model, records, adv, target), oracle(model, records, adv, target)) < 1e-10
 
 
+def test_wide_float32_gpt2_stays_on_the_affine_path():
+    """The affinity check's rounding allowance scales with its step along a random direction (x @ r is far larger
+    than the layer's output when the layer is wide): in float32 at width 128, GPT-2's Conv1D and norms stay on the
+    affine path, and the scores equal brute force to float32 rounding."""
+    model = make_model("gpt2", width=128)
+    records, target_seqs = batch(6, seed=0), batch(4, seed=1)
+    g = torch.Generator().manual_seed(2)
+    adv = torch.randn(6, generator=g)
+    target = scores.SequenceTarget(target_seqs, torch.randn(4, generator=g))
+    ex = fastattr.explain(model, lambda m: scores.record_losses(records.logprobs(m), adv), target)
+    assert ex.general() == {}
+    assert ex.paths["transformer.h.0.attn.c_attn.weight"] == "affine"
+    assert rel_err(ex.scores, oracle(model, records, adv, target)) < 1e-4
+
+
 def test_paths_per_architecture(float64_throughout):
     """Which path fastattr.explain reports for each parameter (also printed in the report)."""
     def paths(arch, lora):
