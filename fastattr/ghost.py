@@ -30,14 +30,45 @@ CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 def kind_of(module: nn.Module) -> str | None:
     """'linear' | 'conv' | 'embedding' for the module types the ghost identities cover (exact types: a subclass may
-    change forward), else None."""
-    if type(module) is nn.Linear:
+    change forward), else None. transformers' Conv1D (GPT-2's layers) is a Linear with its weight stored transposed."""
+    if type(module) is nn.Linear or is_transposed_linear(module):
         return "linear"
     if type(module) in CONV:
         return "conv"
     if type(module) is nn.Embedding:
         return "embedding"
     return None
+
+
+_CONV1D_CLASSES: dict[type, bool] = {}
+
+
+def is_transposed_linear(module: nn.Module) -> bool:
+    """Whether `module` is transformers' Conv1D (y = x @ W + b with W stored [d_in, d_out]; GPT-2 and other
+    GPT-style models), checked by exact class and, once per class, by its output on a small random input (so a
+    transformers version that changed its meaning would leave it to the affine path's own check)."""
+    cls = type(module)
+    if cls.__name__ != "Conv1D" or cls.__module__ != "transformers.pytorch_utils" or "forward" in vars(module):
+        return False
+    if cls not in _CONV1D_CLASSES:
+        _CONV1D_CLASSES[cls] = _computes_x_w_plus_b(module)
+    return _CONV1D_CLASSES[cls]
+
+
+def _computes_x_w_plus_b(module: nn.Module) -> bool:
+    w, b = getattr(module, "weight", None), getattr(module, "bias", None)
+    if not isinstance(w, nn.Parameter) or w.dim() != 2 or not isinstance(b, nn.Parameter) or b.shape != w.shape[1:]:
+        return False
+    gen = torch.Generator().manual_seed(0xC1D)
+    x = torch.randn(2, 3, w.shape[0], generator=gen, dtype=torch.float64)
+    w64 = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+    b64 = torch.randn(b.shape, generator=gen, dtype=torch.float64)
+    with torch.no_grad():  # the class's own forward on float64 copies: no hooks, the model untouched
+        try:
+            y = torch.func.functional_call(module, {"weight": w64, "bias": b64}, (x,))
+        except Exception:  # noqa: BLE001  (anything else it does makes it not the layer we know)
+            return False
+    return y.shape == (2, 3, w.shape[1]) and torch.allclose(y, x @ w64 + b64, rtol=1e-12, atol=1e-12)
 
 
 @dataclass
@@ -71,6 +102,11 @@ class Layer:
     @property
     def kind(self) -> str:
         return kind_of(self.module)
+
+    @property
+    def transposed(self) -> bool:
+        """A linear layer whose weight is stored [d_in, d_out] (transformers' Conv1D)."""
+        return is_transposed_linear(self.module)
 
     def params(self) -> list[nn.Parameter]:
         return ([self.module.weight] if self.use_weight else []) + ([self.module.bias] if self.use_bias else [])
@@ -138,7 +174,7 @@ def aggregated(layer: Layer, grads: list, G: dict, n: int, dtype, chunk: int, ba
             if gw is None:  # only the bias is selected
                 total += (g3.sum(1) @ b).to(total.dtype)
                 continue
-            w = gw.to(dtype)
+            w = (gw.t() if layer.transposed else gw).to(dtype)
             for s in range(0, n, chunk):
                 with for_kernels():
                     total[s:s + chunk] += ops.grad_dot(x3[s:s + chunk], g3[s:s + chunk], w, b, backend=backend)

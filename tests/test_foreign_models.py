@@ -198,11 +198,32 @@ def affine_modules(dtype):
     return m, lambda model: model(d["obs"]).squeeze(-1) ** 2, lambda model: model(d["probe"]).sum()
 
 
+class TransposedLinear(nn.Module):
+    """A user's own GPT-style layer, y = x @ W + b with W stored [d_in, d_out]: not a class fastattr knows, so it takes
+    the affine path, whose check must allow for the rounding of a wide float32 matmul."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(0.02 * torch.randn(d_in, d_out))  # GPT-2's initialisation
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], -1)
+
+
+def wide_transposed_linear(dtype):
+    """Width 512 in float32: the affinity check's step along a random direction is far larger than the output."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(D, 512), nn.Tanh(), TransposedLinear(512, 512), nn.Tanh(), nn.Linear(512, 1)).to(dtype)
+    d = data(dtype)
+    return m, lambda model: model(d["obs"]).squeeze(-1) ** 2, lambda model: model(d["probe"]).sum()
+
+
 CASES = {"td_next_row": td_next_row, "td_two_calls": td_two_calls, "td_concatenated": td_concatenated,
          "normalised_by_sum": normalised_by_sum, "normalised_by_mean": normalised_by_mean,
          "functional_weight": functional_weight, "batch_statistics": batch_statistics,
          "gpt_sequences": gpt_sequences, "gpt_tied_head": lambda dtype: gpt_sequences(dtype, tied=True),
-         "affine_modules": affine_modules}
+         "affine_modules": affine_modules, "wide_transposed_linear": wide_transposed_linear}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -244,6 +265,8 @@ def test_the_paths_taken_are_the_ones_expected():
     paths = fastattr.explain(*affine_modules(torch.float64)).paths
     assert paths["1.weight"] == paths["2.weight"] == paths["4.weight"] == "affine"  # PReLU, GroupNorm, BatchNorm
     assert paths["3.weight"].startswith("general: is not affine")
+    paths = fastattr.explain(*wide_transposed_linear(torch.float32)).paths
+    assert paths["2.weight"] == paths["2.bias"] == "affine"
     paths = fastattr.explain(*td_concatenated(torch.float64)).paths
     assert "leading dimension is not the N=12 records" in paths["0.weight"]
 

@@ -197,10 +197,10 @@ def test_stock_llama_float64_all_parameters():
     assert rel_err(scores.score(model, records, adv, target), oracle(model, records, adv, target)) < 1e-10
 
 
-def test_wide_float32_gpt2_stays_on_the_affine_path():
-    """The affinity check's rounding allowance scales with its step along a random direction (x @ r is far larger
-    than the layer's output when the layer is wide): in float32 at width 128, GPT-2's Conv1D and norms stay on the
-    affine path, and the scores equal brute force to float32 rounding."""
+def test_wide_float32_gpt2_takes_the_fast_paths():
+    """In float32 at width 128 every GPT-2 parameter takes a fast path (Conv1D the linear one, with its weight
+    transposed; the norms the affine one, whose check allows for float32 rounding at this width), and the scores
+    equal brute force to float32 rounding."""
     model = make_model("gpt2", width=128)
     records, target_seqs = batch(6, seed=0), batch(4, seed=1)
     g = torch.Generator().manual_seed(2)
@@ -208,8 +208,22 @@ def test_wide_float32_gpt2_stays_on_the_affine_path():
     target = scores.SequenceTarget(target_seqs, torch.randn(4, generator=g))
     ex = fastattr.explain(model, lambda m: scores.record_losses(records.logprobs(m), adv), target)
     assert ex.general() == {}
-    assert ex.paths["transformer.h.0.attn.c_attn.weight"] == "affine"
+    assert ex.paths["transformer.h.0.attn.c_attn.weight"] == ex.paths["transformer.h.0.mlp.c_proj.bias"] == "linear"
+    assert ex.paths["transformer.h.0.ln_1.weight"] == "affine"
     assert rel_err(ex.scores, oracle(model, records, adv, target)) < 1e-4
+
+
+def test_a_conv1d_with_a_forward_of_its_own_is_not_trusted_as_linear():
+    """Conv1D takes the linear path by its class; an instance whose forward was replaced is checked like any other
+    module (here still affine: it takes the affine path, exactly)."""
+    model, records, adv, target = case("gpt2", lora=False)
+    layer = model.transformer.h[0].mlp.c_fc
+    own = layer.forward
+    layer.forward = lambda x: 2.0 * own(x)
+    ex = fastattr.explain(model, lambda m: scores.record_losses(records.logprobs(m), adv), target)
+    assert ex.paths["transformer.h.0.mlp.c_fc.weight"] == "affine"
+    assert ex.paths["transformer.h.1.mlp.c_fc.weight"] == "linear"
+    assert rel_err(ex.scores, oracle(model, records, adv, target)) < 1e-9
 
 
 def test_paths_per_architecture(float64_throughout):
@@ -220,8 +234,8 @@ def test_paths_per_architecture(float64_throughout):
         return ex.paths
 
     gpt2 = paths("gpt2", False)
-    assert gpt2["transformer.h.0.attn.c_attn.weight"] == "affine"  # Conv1D: a transposed linear, affine in W
-    assert gpt2["transformer.h.0.mlp.c_fc.weight"] == "affine"
+    assert gpt2["transformer.h.0.attn.c_attn.weight"] == "linear"  # Conv1D: a Linear with its weight transposed
+    assert gpt2["transformer.h.0.mlp.c_fc.weight"] == "linear"
     assert gpt2["transformer.h.0.ln_1.weight"] == "affine"
     assert gpt2["transformer.wpe.weight"] == "embedding"  # position ids [N, T] (padding-aware)
     assert gpt2["transformer.wte.weight"] in ("embedding", "linear")  # tied to the LM head: both calls add up
