@@ -22,10 +22,13 @@ the affine and tied fast paths). Each model with every parameter and with LoRA (
 The GRPO section runs fastattr.integrations.trl.IIFGRPOTrainer on the task's GPT-Neo (LoRA, 64 completions per
 generation batch, one optimizer step per generation) and reports the attribution seconds as a fraction of the step
 (generation, reward, scoring, loss, optimizer), for the batch's own target and for the D_val sequence target (which
-also generates the target's completions).
+also generates the target's completions), with the task's 12-token completions; then with longer completions
+(--grpo-completions, default 48 and 120 tokens: an untrained GPT-Neo of the same shape with more positions, a
+token-count reward, the batch target), to see how the share moves with the completion length.
 
     python benchmarks/bench_llm.py              # every row, 1 thread
     python benchmarks/bench_llm.py --quick      # small shapes, fewer repetitions (smoke test)
+    python benchmarks/bench_llm.py --only-grpo  # the GRPO rows only
 """
 from __future__ import annotations
 
@@ -215,22 +218,34 @@ def step_times_callback():
     return StepTimes
 
 
-def bench_grpo(steps: int, target_kind: str) -> dict:
-    """Attribution seconds / GRPO step seconds for IIFGRPOTrainer on the task's GPT-Neo with LoRA."""
+def bench_grpo(steps: int, target_kind: str, completion: int | None = None) -> dict:
+    """Attribution seconds / GRPO step seconds for IIFGRPOTrainer on the task's GPT-Neo with LoRA. With `completion`
+    longer than the task's (its LM has 32 positions), a GPT-Neo of the same shape and vocabulary but more positions,
+    untrained, generates that many tokens, rewarded by a token count (a step's cost does not depend on the weights
+    or on what the reward means); only the batch target then (the D_val target generates the task's lengths)."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import GRPOConfig
 
     from fastattr.integrations.trl import IIFGRPOTrainer
-    from fastattr.rlhf.task import TaskConfig, build_task
+    from fastattr.rlhf.task import TaskConfig, build_task, make_lm
 
     StepTimes = step_times_callback()
     task = build_task(TaskConfig(), log=lambda message: None)
-    policy = scores.lora(task.policy(), r=8, alpha=16)
+    cfg = task.config
+    completion = completion or cfg.max_new_tokens
+    long = completion > cfg.max_new_tokens
+    if long and target_kind != "batch":
+        raise ValueError("longer completions are timed with the batch target only")
+    base = make_lm(len(task.language), cfg.lm_width, cfg.lm_layers, cfg.lm_heads,
+                   max_positions=cfg.prompt_len + completion) if long else task.policy()
+    policy = scores.lora(base, r=8, alpha=16)
 
     def reward(completion_ids, **kwargs):
         from fastattr.rlhf.sequences import pad_rows
 
+        if long:
+            return [float(sum(t % 2 == 0 for t in c)) for c in completion_ids]
         ids, mask = pad_rows([list(c) or [2] for c in completion_ids], 0, side="right")
         return task.reward_model.reward(ids, mask).tolist()
 
@@ -241,7 +256,7 @@ def bench_grpo(steps: int, target_kind: str) -> dict:
 
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(output_dir=out, use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0,
-                          per_device_train_batch_size=64, num_generations=4, max_completion_length=12,
+                          per_device_train_batch_size=64, num_generations=4, max_completion_length=completion,
                           learning_rate=1e-4, max_steps=steps, save_strategy="no", report_to=[], disable_tqdm=True,
                           logging_steps=steps)
         trainer = IIFGRPOTrainer(model=policy, reward_funcs=reward, args=args, processing_class=task.tokenizer(),
@@ -255,7 +270,8 @@ def bench_grpo(steps: int, target_kind: str) -> dict:
     measured = timing.steps[1:]  # the first step pays one-time costs
     step_s = statistics.median(a for a, _ in measured)
     attr_s = statistics.median(b for _, b in measured)
-    return {"target": target_kind, "step_ms": step_s * 1e3, "attr_ms": attr_s * 1e3, "fraction": attr_s / step_s}
+    return {"target": target_kind, "completion": completion, "step_ms": step_s * 1e3, "attr_ms": attr_s * 1e3,
+            "fraction": attr_s / step_s}
 
 
 def main():
@@ -265,6 +281,9 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per method per round")
     p.add_argument("--grpo-steps", type=int, default=6)
+    p.add_argument("--grpo-completions", type=lambda v: [int(x) for x in v.split(",") if x], default=[48, 120],
+                   help="longer completion lengths to time GRPO at (comma-separated; '' for none)")
+    p.add_argument("--only-grpo", action="store_true", help="skip the scoring rows")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_llm.jsonl"))
     args = p.parse_args()
     os.environ["FASTATTR_STRICT"] = "1"
@@ -282,7 +301,7 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     print(f"{'model':<9}{'method':<21}{'ms':>10}{'x plain':>9}{'min-max':>13}{'tokens/s':>11}  goal")
     with open(args.out, "a") as f:
-        for arch, shape in models.items():
+        for arch, shape in ({} if args.only_grpo else models).items():
             for r in bench_model(arch, shape, n, prompt, completion, args.threads, rounds, args.min_run_time):
                 f.write(json.dumps({**r, **meta}) + "\n")
                 if "error" in r:
@@ -295,12 +314,14 @@ def main():
                 print(f"{arch:<9}{r['method']:<21}{r['ms']:>10.1f}{r['x_plain']:>9.2f}{r['x_min']:>7.2f}-"
                       f"{r['x_max']:<5.2f}{r['tokens_per_s']:>11.0f}  {verdict}")
         if not args.quick:
-            for kind in ("batch", "val"):
-                r = bench_grpo(args.grpo_steps, kind)
+            grpo = [("batch", None), ("val", None)] + [("batch", c) for c in args.grpo_completions]
+            for kind, completion in grpo:
+                r = bench_grpo(args.grpo_steps, kind, completion)
                 f.write(json.dumps({"grpo": r, **meta}) + "\n")
                 ok = "met" if r["fraction"] <= GOALS["grpo_fraction"] else "NOT met"
-                print(f"GRPO step (task GPT-Neo, LoRA, 64 completions), target {kind}: step {r['step_ms']:.0f} ms, "
-                      f"attribution {r['attr_ms']:.0f} ms = {100 * r['fraction']:.1f}% (goal <= 10%: {ok})")
+                print(f"GRPO step (GPT-Neo, LoRA, 64 completions of {r['completion']} tokens), target {kind}: "
+                      f"step {r['step_ms']:.0f} ms, attribution {r['attr_ms']:.0f} ms = {100 * r['fraction']:.1f}% "
+                      f"(goal <= 10%: {ok})")
     sys.stdout.flush()
 
 
