@@ -45,30 +45,32 @@ _CONV1D_CLASSES: dict[type, bool] = {}
 
 def is_transposed_linear(module: nn.Module) -> bool:
     """Whether `module` is transformers' Conv1D (y = x @ W + b with W stored [d_in, d_out]; GPT-2 and other
-    GPT-style models), checked by exact class and, once per class, by its output on a small random input (so a
-    transformers version that changed its meaning would leave it to the affine path's own check)."""
+    GPT-style models), checked by exact class and, once per class, by what a fresh instance computes on a random input
+    (so a transformers version that changed its meaning would leave it to the affine path's own check)."""
     cls = type(module)
     if cls.__name__ != "Conv1D" or cls.__module__ != "transformers.pytorch_utils" or "forward" in vars(module):
         return False
     if cls not in _CONV1D_CLASSES:
-        _CONV1D_CLASSES[cls] = _computes_x_w_plus_b(module)
+        _CONV1D_CLASSES[cls] = _computes_x_w_plus_b(cls)
     return _CONV1D_CLASSES[cls]
 
 
-def _computes_x_w_plus_b(module: nn.Module) -> bool:
-    w, b = getattr(module, "weight", None), getattr(module, "bias", None)
-    if not isinstance(w, nn.Parameter) or w.dim() != 2 or not isinstance(b, nn.Parameter) or b.shape != w.shape[1:]:
-        return False
+def _computes_x_w_plus_b(cls: type) -> bool:
+    """A small instance of `cls` (no hooks; the model's own modules untouched) on float64 parameters and input."""
+    d_in, d_out = 5, 4
     gen = torch.Generator().manual_seed(0xC1D)
-    x = torch.randn(2, 3, w.shape[0], generator=gen, dtype=torch.float64)
-    w64 = torch.randn(w.shape, generator=gen, dtype=torch.float64)
-    b64 = torch.randn(b.shape, generator=gen, dtype=torch.float64)
-    with torch.no_grad():  # the class's own forward on float64 copies: no hooks, the model untouched
-        try:
-            y = torch.func.functional_call(module, {"weight": w64, "bias": b64}, (x,))
-        except Exception:  # noqa: BLE001  (anything else it does makes it not the layer we know)
+    x = torch.randn(2, 3, d_in, generator=gen, dtype=torch.float64)
+    w = torch.randn(d_in, d_out, generator=gen, dtype=torch.float64)
+    b = torch.randn(d_out, generator=gen, dtype=torch.float64)
+    try:
+        probe = cls(d_out, d_in)
+        if dict(probe.named_parameters()).keys() != {"weight", "bias"} or probe.weight.shape != w.shape:
             return False
-    return y.shape == (2, 3, w.shape[1]) and torch.allclose(y, x @ w64 + b64, rtol=1e-12, atol=1e-12)
+        with torch.no_grad():
+            y = torch.func.functional_call(probe, {"weight": w, "bias": b}, (x,))
+    except Exception:  # noqa: BLE001  (a constructor or forward we do not know makes it not the layer we know)
+        return False
+    return y.shape == (2, 3, d_out) and torch.allclose(y, x @ w + b, rtol=1e-12, atol=1e-12)
 
 
 @dataclass
