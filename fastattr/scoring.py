@@ -6,20 +6,26 @@
 Exact or refused: a parameter is scored by a fast path only when that path's assumptions are checked to hold for this
 very call; otherwise by the exact general path; and when that cannot run either, a ScoringError says why and what to do.
 
-Fast paths (fastattr/ghost.py), for nn.Linear, nn.Conv1d/2d/3d and nn.Embedding: the per-record gradient of the layer is
-formed implicitly from its captured inputs and output gradients, against one target with `ops.grad_dot` (one extra
-layer forward with the target gradient as weight), against M targets with `ops.grad_sim_reduce` on Gram tiles. They
-are exact when:
+Fast paths (fastattr/ghost.py), for nn.Linear (and transformers' Conv1D, a Linear with its weight transposed),
+nn.Conv1d/2d/3d and nn.Embedding: the per-record gradient of the layer is formed implicitly from its captured inputs
+and output gradients, against one target with `ops.grad_dot` (one extra layer forward with the target gradient as
+weight), against M targets with `ops.grad_sim_reduce` on Gram tiles. The affine path (fastattr/affine.py), for any
+other module whose only parameters are its own weight and bias and whose output is affine in them (norms, PReLU,
+scales; checked on every call), calls the module again with the target gradient as its parameters. A weight tied
+across modules is scored by each module's path, the parts added (the Gram form sends it to the general path). The
+fast paths are exact when:
   (a) every use of the parameter goes through the module's own calls. Checked on the autograd graph of the losses: a
-      parameter that is reached by any other route (F.linear(x, layer.weight), a regulariser, a user hook, a weight
-      tied to another module) goes to the general path;
+      parameter that is reached by any other route (F.linear(x, layer.weight), a regulariser, a user hook) goes to
+      the general path;
   (b) each call has one row per record. A call on a batch of one broadcast over the records (GPT-2's position
       embedding on ids of shape [1, T]) is run again with its output expanded to N rows (a view), and the losses are
       checked unchanged; a call with another leading dimension goes to the general path;
-  (c) record i's loss depends on row i of each call's output only. Checked with one extra backward under random
-      power-of-two record weights w: rows that do not mix give exactly w_i times the unweighted output gradient (a
-      power of two scales floating-point results exactly), anything else shows. A loss normalised by the batch, a TD
-      target taken from the next row, batch statistics inside forward all fail it and go to the general path.
+  (c) record i's loss depends on row i of each call's output only. Proven from the autograd graph when every node
+      between the losses and a captured output is an op known to keep rows apart (_rows_local_by_structure); else
+      checked with one extra backward under random power-of-two record weights w: rows that do not mix give exactly
+      w_i times the unweighted output gradient (a power of two scales floating-point results exactly), anything else
+      shows. A loss normalised by the batch, a TD target taken from the next row, batch statistics inside forward
+      all fail it and go to the general path.
 General path: the record losses' forward-mode JVP along the target gradient (score = J G: exact whatever mixes rows,
 for any module with forward-mode AD), batched over targets for M of them, cross-checked against reverse mode.
 
