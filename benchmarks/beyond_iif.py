@@ -144,11 +144,14 @@ def table(plan: str, regime: str) -> str:
     lines = [f"## {PLANS[plan]['env_id']} / {regime}: against `{best}` (the best PPO learning rate of the sweep)", "",
              "| label | seeds | mean return over rounds | gain vs best PPO (95% CI) | final return | final gain (95% CI) | "
              "SE_ave |", "|---|---|---|---|---|---|---|"]
+    above, below = [], []
     for label, runs in curves.items():
         a = analysis.t_ci([auc(c) for c in runs.values()]) if len(runs) > 1 else None
         mean_auc = np.mean([auc(c) for c in runs.values()])
         paired = sorted(set(runs) & set(curves[best]))
         gain = analysis.t_ci([auc(runs[s]) - auc(curves[best][s]) for s in paired]) if len(paired) > 1 else None
+        if label != best and gain is not None and np.isfinite(gain.lo):
+            (above if gain.lo > 0 else below if gain.hi < 0 else []).append(f"{label} ({len(paired)} seeds)")
         e = summary["methods"][label]
         fr = e["final_return"]
         fg = e.get("final_gain")
@@ -162,6 +165,8 @@ def table(plan: str, regime: str) -> str:
                      + (f"{fg['mean']:+.3g} [{fg['ci_low']:+.3g}, {fg['ci_high']:+.3g}]"
                         if fg and np.isfinite(fg["ci_low"]) else "–")
                      + f" | {metrics._pct(se) if se else '–'} |")
+    lines += ["", f"Mean return over rounds, 95% CI of the paired gain excluding 0: above `{best}`: "
+              f"{', '.join(above) or 'none'}; below it: {', '.join(below) or 'none'}."]
     return "\n".join(lines) + "\n"
 
 
