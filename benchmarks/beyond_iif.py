@@ -128,14 +128,28 @@ def auc(curve: metrics.Curve) -> float:
     return float(r.mean()) if len(r) else float("nan")
 
 
+def step_stats(rows: list[dict]) -> tuple[list[float], list[float]]:
+    """Per-round approx. KL of the update (the size of the step) and fraction of records kept, from metrics rows
+    (dtv-loo keeps every record for the round and drops inside each minibatch: its minibatch fraction counts)."""
+    kl = [r["approx_kl"] for r in rows if r.get("approx_kl") is not None]
+    kept = [r["kept_fraction"] * r.get("minibatch_kept_fraction", 1.0) for r in rows
+            if r.get("kept_fraction") is not None]
+    return kl, kept
+
+
 def table(plan: str, regime: str) -> str:
     labels = runs_of(plan, regime)
     curves: dict[str, dict[int, metrics.Curve]] = {}
+    steps: dict[str, tuple[list[float], list[float]]] = {}
     for label in labels:
         for s in SEEDS:
             d = run_dir(plan, regime, label, s)
             if finished(d):
-                curves.setdefault(label, {})[s] = metrics.curve_from_rows(metrics_rows(d))
+                rows = metrics_rows(d)
+                curves.setdefault(label, {})[s] = metrics.curve_from_rows(rows)
+                kl, kept = step_stats(rows)
+                steps.setdefault(label, ([], []))[0].extend(kl)
+                steps[label][1].extend(kept)
     sweep = {k: v for k, v in curves.items() if k.startswith("ppo-lr")}
     if not sweep:
         return f"## {plan} / {regime}: no finished PPO run yet\n"
@@ -143,7 +157,7 @@ def table(plan: str, regime: str) -> str:
     summary = metrics.summarize(curves, baseline=best)
     lines = [f"## {PLANS[plan]['env_id']} / {regime}: against `{best}` (the best PPO learning rate of the sweep)", "",
              "| label | seeds | mean return over rounds | gain vs best PPO (95% CI) | final return | final gain (95% CI) | "
-             "SE_ave |", "|---|---|---|---|---|---|---|"]
+             "SE_ave | approx-KL per round (median) | kept |", "|---|---|---|---|---|---|---|---|---|"]
     above, below = [], []
     for label, runs in curves.items():
         a = analysis.t_ci([auc(c) for c in runs.values()]) if len(runs) > 1 else None
@@ -164,7 +178,8 @@ def table(plan: str, regime: str) -> str:
                      + f" | {ci(gain) if label != best else '–'} | {fr['mean']:.3g} | "
                      + (f"{fg['mean']:+.3g} [{fg['ci_low']:+.3g}, {fg['ci_high']:+.3g}]"
                         if fg and np.isfinite(fg["ci_low"]) else "–")
-                     + f" | {metrics._pct(se) if se else '–'} |")
+                     + f" | {metrics._pct(se) if se else '–'} | {np.median(steps[label][0]):.3g} | "
+                     + f"{np.median(steps[label][1]):.0%} |")
     lines += ["", f"Mean return over rounds, 95% CI of the paired gain excluding 0: above `{best}`: "
               f"{', '.join(above) or 'none'}; below it: {', '.join(below) or 'none'}."]
     return "\n".join(lines) + "\n"
