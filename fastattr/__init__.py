@@ -25,7 +25,7 @@ def _check_cuda_build() -> None:
 
 _check_cuda_build()
 
-from .scoring import Explanation, ScoringError, explain, score, select, topk  # noqa: E402
+from .scoring import Explanation, ScoringError, explain, score, score_and_backward, select, topk  # noqa: E402
 
-__all__ = ["score", "explain", "Explanation", "topk", "select", "ScoringError", "ops", "reference", "cuda_version",
-           "has_kernel"]
+__all__ = ["score", "score_and_backward", "explain", "Explanation", "topk", "select", "ScoringError", "ops",
+           "reference", "cuda_version", "has_kernel"]

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
@@ -605,6 +606,35 @@ def _dense(t: Tensor) -> Tensor:
     return t.to_dense() if t.is_sparse else t
 
 
+def _rows_grad(layer: Layer, call: Call, g: Tensor, rows: Tensor, n: int, inputs=None) -> list[Tensor | None]:
+    """The gradient of one layer call's selected parameters from the records `rows` only: its output gradient g on
+    those rows pulled back through the call (a Linear's is one GEMM over their positions; other kinds run the module's
+    own op again on those rows; an affine module is called again on all rows with the other rows' gradient zeroed)."""
+    m = layer.module
+    if layer.kind == "linear":
+        x3, g3 = ghost.positions(call.x, g, n)
+        xr, gr = x3[rows].reshape(-1, x3.shape[-1]), g3[rows].reshape(-1, g3.shape[-1])
+        gw = (xr.t() @ gr if layer.transposed else gr.t() @ xr) if layer.use_weight else None
+        return ([gw] if layer.use_weight else []) + ([gr.sum(0)] if layer.use_bias else [])
+    w = m.weight.detach().requires_grad_(layer.use_weight)
+    b = m.bias.detach().requires_grad_(layer.use_bias) if isinstance(getattr(m, "bias", None), nn.Parameter) else None
+    with torch.enable_grad():
+        if layer.kind == "conv":
+            y, gy = m._conv_forward(call.x[rows], w, b), g[rows]
+        elif layer.kind == "embedding":
+            y, gy = F.embedding(call.x[rows], w, m.padding_idx), g[rows]
+        else:  # affine: all rows, the others' output gradient zeroed
+            mask = torch.zeros(n, dtype=g.dtype, device=g.device)
+            mask[rows] = 1
+            args, kwargs = inputs
+            y = torch.func.functional_call(m, {"weight": w, **({"bias": b} if b is not None else {})}, args, kwargs)
+            gy = g * mask.reshape((n,) + (1,) * (g.dim() - 1))
+            if call.expanded:  # called on a batch of one, broadcast to the records: the rows' gradients add up
+                gy = gy.sum(0, keepdim=True)
+        wanted = [t for t, use in ((w, layer.use_weight), (b, layer.use_bias)) if use]
+        return list(torch.autograd.grad(y, wanted, gy, allow_unused=True))
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # One call of fastattr.score
 # ----------------------------------------------------------------------------------------------------------------------
@@ -720,18 +750,23 @@ class _Job:
             plan.to_general(layer, "has a parameter used outside the module's own calls (e.g. "
                                    "F.linear(x, module.weight), a regulariser, or a forward hook)", only=param)
 
-    def output_grads(self, general_reverse: bool = True):
+    def output_grads(self, general_reverse: bool = True, all_params: bool = False):
         """Per layer, per call: d(sum of record losses)/d(output) (None where nothing depends on a call), after the
         row-locality check (layers that fail it go to the general path), and the reverse-mode gradients of the
-        general-path parameters ({name: grad}) for the JVP cross-check."""
+        general-path parameters ({name: grad}) for the JVP cross-check. With all_params, the same backward also gives
+        the gradient of the summed losses for every selected parameter, kept in `self.loss_grads`."""
         plan = self.plan
         general = plan.general if general_reverse else {}
         ys = [c.y for layer in plan.layers for c in layer.calls if c.y.requires_grad]
-        inputs = ys + list(general.values())
+        wrt = plan.params if all_params else general
+        inputs = ys + list(wrt.values())
         grads = list(torch.autograd.grad(self.losses.sum(), inputs, allow_unused=True, retain_graph=True)) \
             if inputs else []
         out = {id(layer): [grads.pop(0) if c.y.requires_grad else None for c in layer.calls] for layer in plan.layers}
-        reverse = dict(zip(general, grads))
+        got = {k: (_dense(g) if g is not None else None) for k, g in zip(wrt, grads)}
+        if all_params:
+            self.loss_grads = got
+        reverse = {k: got[k] for k in general}
         units = self.units
         n_units = self.losses.shape[0] if units is None else (int(units.max()) + 1 if units.numel() else 0)
         pairs = [(layer, c, g) for layer in plan.layers for c, g in zip(layer.calls, out[id(layer)]) if g is not None]
@@ -749,9 +784,12 @@ class _Job:
                                        "statistics computed in forward)")
             if bad and general_reverse:
                 missing = {k: p for k, p in plan.general.items() if k not in reverse}
-                got = torch.autograd.grad(self.losses.sum(), list(missing.values()), allow_unused=True,
-                                          retain_graph=True)
-                reverse.update(zip(missing, got))
+                if all_params:
+                    reverse.update({k: self.loss_grads[k] for k in missing})
+                else:
+                    got = torch.autograd.grad(self.losses.sum(), list(missing.values()), allow_unused=True,
+                                              retain_graph=True)
+                    reverse.update(zip(missing, got))
         return {id(layer): out[id(layer)] for layer in plan.layers}, reverse
 
     # ---- the target gradient ----------------------------------------------------------------------------------------
@@ -772,12 +810,30 @@ class _Job:
         return ghost.aggregated(layer, grads, G, rows, self.dtype, self.chunk, self.backend)
 
     # ---- one aggregated target --------------------------------------------------------------------------------------
+    def loss_multiple(self, target: Tensor) -> float | None:
+        """s when the target is s times the sum of the record losses as scored, read off the autograd graph
+        (losses.sum(): 1, losses.mean(): 1/N; the joint form, one process): then the records' backward to the layer
+        outputs also gives the target gradient, and the target needs no backward of its own."""
+        fn, losses = target.grad_fn, self.losses
+        if not self.joint or self.pg is not None or target.dim() != 0 or losses.dim() != 1 or fn is None:
+            return None
+        if fn.name() not in ("SumBackward0", "MeanBackward0") or fn.next_functions[0][0] is not losses.grad_fn:
+            return None
+        return 1.0 if fn.name() == "SumBackward0" else 1.0 / max(losses.shape[0], 1)
+
     def aggregated(self, target: Tensor) -> Tensor:
         plan = self.plan
-        G = self.target_grads(target)
+        multiple = self.loss_multiple(target)
+        if multiple is None:
+            G = self.target_grads(target)
+        else:
+            grads, reverse = self.output_grads(all_params=True)
+            G = {k: (g * multiple if g is not None else None) for k, g in self.loss_grads.items()}
         if all(g is None for g in G.values()):
             raise ScoringError("target_loss does not depend on any selected parameter; check `params`")
-        grads, reverse = self.output_grads()
+        if multiple is None:
+            grads, reverse = self.output_grads()
+        self.grads = grads
         rows = self.losses.shape[0]
         total = torch.zeros(rows, dtype=self.acc, device=self.losses.device)
         for layer in plan.layers:
@@ -794,6 +850,34 @@ class _Job:
             _check_jvp(jv, reverse, {k: G[k].detach() for k in general}, plan.why)
             total += jv.to(total.dtype)
         return total
+
+    # ---- the gradient of a subset of the records (score_and_backward) ---------------------------------------------
+    def kept_grads(self, keep: Tensor) -> dict[str, Tensor | None]:
+        """{name: gradient of the kept records' summed losses}, after `aggregated` on the summed-losses target: the
+        whole batch's gradient minus, layer by layer, the dropped rows' part from their captured inputs and output
+        gradients (the fast paths' assumptions, checked for this call, make that part exact); the general path's
+        parameters by one backward of the kept losses."""
+        plan, drop = self.plan, (~keep).nonzero().squeeze(1)
+        out = {k: (g.clone() if g is not None else None) for k, g in self.loss_grads.items()}
+        if drop.numel():
+            for layer in plan.layers:
+                for i, call in enumerate(layer.calls):
+                    g = self.grads[id(layer)][i]
+                    if g is None:
+                        continue
+                    inputs = layer.inputs[i] if isinstance(layer, affine.AffineLayer) else None
+                    parts = _rows_grad(layer, call, g, drop, self.losses.shape[0], inputs)
+                    for param, part in zip(layer.params(), parts):
+                        name = plan.name_of(param)
+                        if part is not None and out[name] is not None:
+                            out[name] -= part.to(out[name].dtype)
+        general = plan.general
+        if general and drop.numel():
+            w = keep.to(self.losses.dtype)
+            got = torch.autograd.grad((self.losses * w).sum(), list(general.values()), allow_unused=True,
+                                      retain_graph=True)
+            out.update({k: (_dense(g) if g is not None else None) for k, g in zip(general, got)})
+        return out
 
     # ---- M targets ----------------------------------------------------------------------------------------------
     def per_target_grads(self, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
@@ -1096,6 +1180,69 @@ def score(
                   process_group=process_group, backend=backend)[0]
 
 
+def score_and_backward(
+    model: nn.Module,
+    record_loss: Callable[[nn.Module], Tensor],
+    keep: Callable[[Tensor], Tensor],
+    *,
+    params=None,
+    dtype: torch.dtype | None = None,
+    check_locality: bool = True,
+    deterministic: bool = True,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A filtered training step's backward, scored from its own passes: one forward of the records, one backward.
+
+    Each record is scored against the gradient of the records' summed losses, the direction the unfiltered update
+    takes (score_i = <grad l_i, grad sum_j l_j>, what fastattr.score gives for the target `losses.sum()`); `keep`
+    chooses the records from the scores; then every selected parameter's `.grad` receives the gradient of the kept
+    records' summed losses, as `(losses * keep).sum().backward()` would (added to an existing .grad). The scores
+    need no passes beyond the step's own: the backward that gives the layers' output gradients also gives the
+    batch gradient, and the dropped records' part is taken off it layer by layer from their captured rows. The
+    checks are fastattr.score's: a parameter whose fast path is not exact for this call takes the general path (its
+    scores by one forward-mode pass, its kept gradient by one more backward), or a ScoringError says why not.
+
+    Arguments:
+        model, params, dtype, check_locality, deterministic, backend: as fastattr.score.
+        record_loss: `record_loss(model) -> Tensor[N]`, one training loss per record (their sum is the step's loss).
+        keep: `keep(scores) -> Tensor[N]` of bools, the records the update keeps (e.g. fastattr.filtering.keep_mask).
+
+    Returns:
+        (scores [N], keep [N] bool, losses [N] detached).
+    """
+    if not callable(record_loss):
+        raise ScoringError("record_loss must be a callable record_loss(model) -> Tensor[N]")
+    if not callable(keep):
+        raise ScoringError("keep must be a callable keep(scores) -> Tensor[N] of bools")
+    result: dict = {}
+
+    def joint(m):
+        losses = record_loss(m)
+        if isinstance(losses, Tensor) and losses.dim() != 1:
+            raise ScoringError(f"record_loss must return one loss per record, Tensor[N], for score_and_backward; got "
+                               f"shape {tuple(losses.shape)} (sum per-position losses over their positions)")
+        return losses, losses.sum() if isinstance(losses, Tensor) else losses
+
+    def step(job: _Job, scores: Tensor) -> None:
+        mask = keep(scores)
+        if not (isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.shape == scores.shape):
+            got = (mask.dtype, tuple(mask.shape)) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ScoringError(f"keep(scores) must return a bool Tensor of shape {tuple(scores.shape)}, got {got}")
+        mask = mask.to(job.losses.device)
+        grads = job.kept_grads(mask)
+        for name, param in job.plan.params.items():
+            g = grads.get(name)
+            if g is None:
+                continue
+            g = g.to(param.dtype)
+            param.grad = g.clone() if param.grad is None else param.grad + g
+        result.update(keep=mask, losses=job.losses.detach())
+
+    scores, _ = _score(model, joint, None, params=params, dtype=dtype, check_locality=check_locality,
+                       deterministic=deterministic, backend=backend, _after=step)
+    return scores, result["keep"], result["losses"]
+
+
 @dataclass
 class Explanation:
     """What fastattr.score did: the scores and, per selected parameter, the path that scored it and why."""
@@ -1123,7 +1270,8 @@ def explain(model: nn.Module, record_loss, target_loss=None, **kwargs) -> Explan
 
 
 def _score(model, record_loss, target_loss=None, *, params=None, reduce="none", units=None, chunk_size=4096,
-           dtype=None, check=False, check_locality=True, deterministic=True, process_group=None, backend="auto"):
+           dtype=None, check=False, check_locality=True, deterministic=True, process_group=None, backend="auto",
+           _after=None):
     if not isinstance(model, nn.Module):
         raise ScoringError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(record_loss):
@@ -1163,6 +1311,8 @@ def _score(model, record_loss, target_loss=None, *, params=None, reduce="none", 
         if single:
             agg = target if target.dim() == 0 else (target.sum() if reduce == "sum" else target.mean())
             result = job.aggregated(agg)
+            if _after is not None:  # score_and_backward: the kept records' gradient from the same passes
+                _after(job, result)
         else:
             result = job.pairwise(inner_reduce)
         if check:
