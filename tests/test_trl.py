@@ -32,13 +32,15 @@ def dataset():
     return Dataset.from_dict({"prompt": prompts})
 
 
-def trainer(cls, tmp_path, steps=3, loss_type="dapo", bf16=False, **kwargs):
+def trainer(cls, tmp_path, steps=3, loss_type="dapo", bf16=False, checkpointing=True, **kwargs):
     """TRL's defaults except: float32 unless bf16 (TRL's default is bf16 autocast, also on CPU), a constant learning
-    rate, sampling temperature 0.9 (so that the temperature is tested), tiny sizes."""
+    rate, sampling temperature 0.9 (so that the temperature is tested), tiny sizes. TRL's default activation
+    checkpointing keeps IIFGRPOTrainer on separate scoring passes; checkpointing=False lets it fuse them."""
     args = GRPOConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=6, num_generations=3,
                       max_completion_length=6, max_steps=steps, learning_rate=1e-2, lr_scheduler_type="constant",
                       loss_type=loss_type, seed=0, report_to=[], save_strategy="no", logging_steps=1,
-                      disable_tqdm=True, temperature=0.9, bf16=bf16)
+                      disable_tqdm=True, temperature=0.9, bf16=bf16,
+                      **({} if checkpointing else {"gradient_checkpointing": False}))
     return cls(model=make_lm(len(LANG), width=16, layers=2, heads=2, seed=0), reward_funcs=reward, args=args,
                train_dataset=dataset(), processing_class=LANG.tokenizer(), **kwargs)
 
@@ -146,3 +148,65 @@ def test_refusals(tmp_path):
         trainer(IIFGRPOTrainer, tmp_path, loss_type="bnpo")
     with pytest.raises(ValueError, match="score_kwargs"):
         trainer(IIFGRPOTrainer, tmp_path, score_kwargs={"units": None})
+
+
+# ---- the fused step: scores and filter from the training step's own passes ------------------------------------------
+class FusedProbe(IIFGRPOTrainer):
+    """Keeps what the fused step saw (the parameters, the batch) and the gradient it left."""
+
+    def _fused_step(self, model, inputs):
+        unwrapped = self.accelerator.unwrap_model(model)
+        self.params_at_scoring = copy.deepcopy(unwrapped.state_dict())
+        self.before = {k: v.clone() if torch.is_tensor(v) else v for k, v in inputs.items()}
+        out = super()._fused_step(model, inputs)
+        self.grads = {k: p.grad.clone() for k, p in unwrapped.named_parameters() if p.grad is not None}
+        return out
+
+
+def test_fused_only_where_it_applies(tmp_path):
+    assert trainer(IIFGRPOTrainer, tmp_path, checkpointing=False).fused
+    t = trainer(IIFGRPOTrainer, tmp_path)  # TRL's default activation checkpointing
+    assert not t.fused and "gradient checkpointing" in t.why_not_fused
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        trainer(IIFGRPOTrainer, tmp_path, fused=True)
+    with pytest.raises(ValueError, match="loss_type='grpo'"):
+        trainer(IIFGRPOTrainer, tmp_path, checkpointing=False, loss_type="grpo", fused=True)
+    with pytest.raises(ValueError, match="mixed precision"):
+        trainer(IIFGRPOTrainer, tmp_path, checkpointing=False, bf16=True, fused=True)
+    assert not trainer(IIFGRPOTrainer, tmp_path, checkpointing=False, fused=False).fused
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo"])
+def test_fused_scores_and_update_are_the_separate_ones(tmp_path, loss_type):
+    """The fused step's scores are fastattr.score's against the batch target, and the gradient it leaves is that of
+    TRL's own loss on the batch with the dropped completions masked out (what the separate path trains on)."""
+    t = trainer(FusedProbe, tmp_path, steps=1, loss_type=loss_type, checkpointing=False, filter="iif", p=1.0)
+    assert t.fused
+    t.train()
+    model, records, target = outside(t)
+    torch.testing.assert_close(t.last_scores, fastattr.score(model, records, target), rtol=1e-5, atol=1e-9)
+    oracle = brute_force_scores(model, records, target)
+    assert ((t.last_scores.double() - oracle).abs().max() / oracle.abs().max()).item() < 1e-4
+    kept = t.last_keep
+    assert 0 < int(kept.sum()) < len(kept) and kept.equal(t.last_scores >= 0)  # iif with p=1: the negatives go
+    model = t.accelerator.unwrap_model(t.model)
+    model.load_state_dict(t.params_at_scoring)
+    masked = dict(t.before, completion_mask=t.before["completion_mask"] * kept[:, None].to(t.before["completion_mask"]))
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    trl_grad = torch.autograd.grad(t._compute_loss(model, masked), [p for p in model.parameters() if p.requires_grad])
+    assert set(t.grads) == set(names)
+    for k, g in zip(names, trl_grad):
+        torch.testing.assert_close(t.grads[k], g, rtol=1e-4, atol=1e-7)
+
+
+def test_fused_filter_none_trains_as_grpo(tmp_path):
+    plain = trainer(GRPOTrainer, tmp_path / "plain", checkpointing=False)
+    plain.train()
+    fused = trainer(IIFGRPOTrainer, tmp_path / "fused", checkpointing=False, filter="none")
+    assert fused.fused
+    fused.train()
+    assert fused.last_keep.all()
+    # the same gradient summed in another order: rounding, which Adam's normalisation makes up to ~1e-6 after 3 steps
+    # of lr 1e-2 (the parameters move by ~3e-2)
+    for (name, a), (_, b) in zip(plain.model.named_parameters(), fused.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
