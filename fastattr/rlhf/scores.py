@@ -112,7 +112,10 @@ def score(model: nn.Module, records: Sequences, advantages: Tensor, target, *, f
 
         def joint(m):
             lp = logp(m)
-            return record_losses(lp, advantages, weights, per_token), sequence_target(lp, advantages)
+            losses = record_losses(lp, advantages, weights, per_token)
+            if weights is None and not per_token:  # f is then the mean of the record losses: fastattr.score reads
+                return losses, losses.mean()       # that off the graph and shares their backward
+            return losses, sequence_target(lp, advantages)
 
         return fastattr.score(model, joint, params=params, **score_kwargs)
     return fastattr.score(model, lambda m: record_losses(logp(m), advantages, weights, per_token), target,
