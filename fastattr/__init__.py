@@ -1,6 +1,7 @@
 """fastattr: exact, fast local data attribution for online RL and any PyTorch model.
 
     scores = fastattr.score(model, record_loss, target_loss)   # Tensor[N] (or [N, M])
+    scores, keep, losses = fastattr.score_and_backward(model, record_loss, keep)   # inside a training step
 """
 import torch  # noqa: F401  (torch must be loaded before the extension)
 

@@ -33,6 +33,11 @@ M targets take the Gram path when target m depends on row m of each call only (c
 target's full gradient is formed and contracted per layer. Record losses may be per position ([N, T]); `units` sums
 scores into episodes, sequences or groups (exact by linearity). `process_group` shards the records over ranks.
 Output gradients come from `torch.autograd.grad` to the captured layer outputs, so no parameter .grad is formed.
+
+A target that is the sum (or mean) of the record losses shares their backward (one backward gives the output
+gradients and the target gradient). `score_and_backward` uses that inside a training step: scores against the batch's
+own loss, a keep-mask chosen from them, and the kept records' gradient written to .grad (the dropped rows' part taken
+off layer by layer), from the step's own forward and backward.
 """
 from __future__ import annotations
 
