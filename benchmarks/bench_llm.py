@@ -19,10 +19,12 @@ Models: a Llama-style LM from LlamaConfig (4 layers, width 128, the default shap
 width 64) and a GPT-2 of the Llama's size (its Conv1D weights, its norms and its LM head tied to the embedding take
 the affine and tied fast paths). Each model with every parameter and with LoRA (r=8 on every Linear / Conv1D).
 
-The GRPO section runs fastattr.integrations.trl.IIFGRPOTrainer on the task's GPT-Neo (LoRA, 64 completions per
-generation batch, one optimizer step per generation) and reports the attribution seconds as a fraction of the step
-(generation, reward, scoring, loss, optimizer), for the batch's own target and for the D_val sequence target (which
-also generates the target's completions), with the task's 12-token completions; then with longer completions
+The GRPO section trains the task's GPT-Neo (LoRA, 64 completions per generation batch, one optimizer step per
+generation) with TRL's plain GRPOTrainer and with fastattr.integrations.trl.IIFGRPOTrainer, fused (scored from the
+training step's own passes) and separate (its own scoring passes), interleaved, and reports attribution's share of a
+step, (IIF step - plain step) / IIF step (a step: generation, reward, scoring, loss, optimizer), for the batch's own
+target and for the D_val sequence target (which also generates the target's completions; separate only), with the
+task's 12-token completions; then with longer completions
 (--grpo-completions, default 48 and 120 tokens: an untrained GPT-Neo of the same shape with more positions, a
 token-count reward, the batch target), to see how the share moves with the completion length.
 
@@ -213,19 +215,27 @@ def step_times_callback():
             self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.steps.append((time.perf_counter() - self.t0, self.trainer.last_seconds))
+            self.steps.append((time.perf_counter() - self.t0, getattr(self.trainer, "last_seconds", 0.0)))
 
     return StepTimes
 
 
-def bench_grpo(steps: int, target_kind: str, completion: int | None = None) -> dict:
-    """Attribution seconds / GRPO step seconds for IIFGRPOTrainer on the task's GPT-Neo with LoRA. With `completion`
-    longer than the task's (its LM has 32 positions), a GPT-Neo of the same shape and vocabulary but more positions,
-    untrained, generates that many tokens, rewarded by a token count (a step's cost does not depend on the weights
-    or on what the reward means); only the batch target then (the D_val target generates the task's lengths)."""
+GRPO_VARIANTS = ("plain", "fused", "separate")
+
+
+def bench_grpo(steps: int, target_kind: str, completion: int | None = None, rounds: int = 3) -> dict:
+    """A GRPO step of IIFGRPOTrainer on the task's GPT-Neo with LoRA, against TRL's plain GRPOTrainer with the same
+    settings, `rounds` interleaved trainings of `steps` steps each (the first step of each training pays one-time
+    costs and is left out; medians over the rest). Variants: plain (GRPOTrainer), fused (IIF scored from the training
+    step's own passes; the batch target only) and separate (IIF with its own scoring passes, fused=False).
+    Attribution's share of a step: (IIF step - plain step) / IIF step, and for the separate path also the seconds it
+    spends in its scoring call (`in-step`). With `completion` longer than the task's (its LM has 32 positions), a
+    GPT-Neo of the same shape and vocabulary but more positions, untrained, generates that many tokens, rewarded by a
+    token count (a step's cost does not depend on the weights or on what the reward means); only the batch target
+    then (the D_val target generates the task's lengths)."""
     from datasets import Dataset
     from transformers import PrinterCallback
-    from trl import GRPOConfig
+    from trl import GRPOConfig, GRPOTrainer
 
     from fastattr.integrations.trl import IIFGRPOTrainer
     from fastattr.rlhf.task import TaskConfig, build_task, make_lm
@@ -237,9 +247,8 @@ def bench_grpo(steps: int, target_kind: str, completion: int | None = None) -> d
     long = completion > cfg.max_new_tokens
     if long and target_kind != "batch":
         raise ValueError("longer completions are timed with the batch target only")
-    base = make_lm(len(task.language), cfg.lm_width, cfg.lm_layers, cfg.lm_heads,
-                   max_positions=cfg.prompt_len + completion) if long else task.policy()
-    policy = scores.lora(base, r=8, alpha=16)
+    variants = [v for v in GRPO_VARIANTS if not (v == "fused" and target_kind != "batch")]
+    prompts = Dataset.from_dict({"prompt": [task.language.decode(p) for p in task.prompts["train"]]})
 
     def reward(completion_ids, **kwargs):
         from fastattr.rlhf.sequences import pad_rows
@@ -254,24 +263,39 @@ def bench_grpo(steps: int, target_kind: str, completion: int | None = None) -> d
         with model.disable_adapter():
             return scores.validation_target(task, model, trainer.state.global_step, position_ids=False)
 
-    with tempfile.TemporaryDirectory() as out:
-        args = GRPOConfig(output_dir=out, use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0,
-                          per_device_train_batch_size=64, num_generations=4, max_completion_length=completion,
-                          learning_rate=1e-4, max_steps=steps, save_strategy="no", report_to=[], disable_tqdm=True,
-                          logging_steps=steps)
-        trainer = IIFGRPOTrainer(model=policy, reward_funcs=reward, args=args, processing_class=task.tokenizer(),
-                                 train_dataset=Dataset.from_dict({"prompt": [task.language.decode(p)
-                                                                             for p in task.prompts["train"]]}),
-                                 filter="iif", p=1.0, target="batch" if target_kind == "batch" else target)
-        trainer.remove_callback(PrinterCallback)
-        timing = StepTimes(trainer)
-        trainer.add_callback(timing)
-        trainer.train()
-    measured = timing.steps[1:]  # the first step pays one-time costs
-    step_s = statistics.median(a for a, _ in measured)
-    attr_s = statistics.median(b for _, b in measured)
-    return {"target": target_kind, "completion": completion, "step_ms": step_s * 1e3, "attr_ms": attr_s * 1e3,
-            "fraction": attr_s / step_s}
+    def train(variant: str) -> list[tuple[float, float]]:
+        base = make_lm(len(task.language), cfg.lm_width, cfg.lm_layers, cfg.lm_heads,
+                       max_positions=cfg.prompt_len + completion) if long else task.policy()
+        policy = scores.lora(base, r=8, alpha=16)
+        with tempfile.TemporaryDirectory() as out:
+            args = GRPOConfig(output_dir=out, use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0,
+                              per_device_train_batch_size=64, num_generations=4, max_completion_length=completion,
+                              learning_rate=1e-4, max_steps=steps, save_strategy="no", report_to=[],
+                              disable_tqdm=True, logging_steps=steps)
+            common = dict(model=policy, reward_funcs=reward, args=args, processing_class=task.tokenizer(),
+                          train_dataset=prompts)
+            if variant == "plain":
+                trainer = GRPOTrainer(**common)
+            else:
+                trainer = IIFGRPOTrainer(**common, filter="iif", p=1.0, fused=variant == "fused",
+                                         target="batch" if target_kind == "batch" else target)
+            trainer.remove_callback(PrinterCallback)
+            timing = StepTimes(trainer)
+            trainer.add_callback(timing)
+            trainer.train()
+        return timing.steps[1:]
+
+    measured = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v in variants:
+            measured[v] += train(v)
+    step = {v: statistics.median(a for a, _ in measured[v]) for v in variants}
+    out = {"target": target_kind, "completion": completion, "plain_ms": step["plain"] * 1e3}
+    for v in variants[1:]:
+        out[f"{v}_ms"] = step[v] * 1e3
+        out[f"{v}_fraction"] = (step[v] - step["plain"]) / step[v]
+    out["separate_in_step_fraction"] = statistics.median(b / a for a, b in measured["separate"])
+    return out
 
 
 def main():
@@ -281,6 +305,7 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per method per round")
     p.add_argument("--grpo-steps", type=int, default=6)
+    p.add_argument("--grpo-rounds", type=int, default=3, help="interleaved trainings per GRPO variant")
     p.add_argument("--grpo-completions", type=lambda v: [int(x) for x in v.split(",") if x], default=[48, 120],
                    help="longer completion lengths to time GRPO at (comma-separated; '' for none)")
     p.add_argument("--only-grpo", action="store_true", help="skip the scoring rows")
@@ -315,13 +340,19 @@ def main():
                       f"{r['x_max']:<5.2f}{r['tokens_per_s']:>11.0f}  {verdict}")
         if not args.quick:
             grpo = [("batch", None), ("val", None)] + [("batch", c) for c in args.grpo_completions]
+            print(f"GRPO step (task GPT-Neo, LoRA, 64 completions): attribution's share = (IIF step - plain GRPO "
+                  f"step) / IIF step, medians of {args.grpo_rounds} interleaved trainings x {args.grpo_steps - 1} "
+                  "steps; goal <= 10%")
             for kind, completion in grpo:
-                r = bench_grpo(args.grpo_steps, kind, completion)
+                r = bench_grpo(args.grpo_steps, kind, completion, args.grpo_rounds)
                 f.write(json.dumps({"grpo": r, **meta}) + "\n")
-                ok = "met" if r["fraction"] <= GOALS["grpo_fraction"] else "NOT met"
-                print(f"GRPO step (GPT-Neo, LoRA, 64 completions of {r['completion']} tokens), target {kind}: "
-                      f"step {r['step_ms']:.0f} ms, attribution {r['attr_ms']:.0f} ms = {100 * r['fraction']:.1f}% "
-                      f"(goal <= 10%: {ok})")
+                parts = [f"plain {r['plain_ms']:.0f} ms"]
+                for v in ("fused", "separate"):
+                    if f"{v}_ms" in r:
+                        ok = "met" if r[f"{v}_fraction"] <= GOALS["grpo_fraction"] else "NOT met"
+                        parts.append(f"{v} {r[f'{v}_ms']:.0f} ms = {100 * r[f'{v}_fraction']:.1f}% ({ok})")
+                parts.append(f"separate in-step {100 * r['separate_in_step_fraction']:.1f}%")
+                print(f"  {r['completion']:>3} tokens, target {kind:<5}: " + ", ".join(parts))
     sys.stdout.flush()
 
 

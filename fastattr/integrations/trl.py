@@ -90,6 +90,17 @@ def _without_input_grad_hooks(model: nn.Module):
             m._forward_hooks.update(hooks)
 
 
+def _checkpointing(args, model: nn.Module) -> bool:
+    """Whether activation (gradient) checkpointing is on, in the trainer's arguments or the model (transformers 5
+    renamed it activation checkpointing; the old names warn)."""
+    for obj, names in ((args, ("activation_checkpointing", "gradient_checkpointing")),
+                       (model, ("is_activation_checkpointing", "is_gradient_checkpointing"))):
+        name = next((n for n in names if hasattr(type(obj), n) or n in vars(obj)), None)
+        if name is not None and bool(getattr(obj, name)):
+            return True
+    return False
+
+
 _ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
 
 
@@ -196,8 +207,7 @@ class IIFGRPOTrainer(GRPOTrainer):
             "a callable target (the fused step scores against the batch's own target)": self.target != "batch",
             f"mixed precision {self.accelerator.mixed_precision!r} (train in the parameters' dtype: bf16=False, "
             "fp16=False)": self.accelerator.mixed_precision != "no",
-            "gradient checkpointing (gradient_checkpointing=False)": bool(args.gradient_checkpointing)
-                or bool(getattr(model, "is_gradient_checkpointing", False)),
+            "gradient checkpointing (gradient_checkpointing=False)": _checkpointing(args, model),
         }
         why = next((what for what, bad in reasons.items() if bad), None)
         if why is None and _dropout(model):
