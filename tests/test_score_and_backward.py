@@ -1,7 +1,8 @@
 """fastattr.score_and_backward: a filtered step's scores and backward from the step's own passes.
 
 Against brute force on every model of test_foreign_models (rows that mix, weights used through F.linear, batch
-statistics, GPT-style broadcasts, tied heads, affine modules, transposed linears), in float64 and float32:
+statistics, GPT-style broadcasts, tied heads, affine modules, transposed linears), in float64 and float32, and over
+hypothesis' random architectures:
   * the scores are <grad l_i, grad sum_j l_j> (one autograd.grad per record);
   * each parameter's .grad afterwards is what (losses * keep).sum().backward() leaves, added to an existing .grad;
 and the joint form of fastattr.score with the target losses.sum() or losses.mean() (which shares the records'
@@ -9,11 +10,13 @@ backward) is exact on the same models.
 """
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 
 import fastattr
 from fastattr.testing import brute_force_scores
 
 from test_foreign_models import CASES, TOL, rel_err
+from test_scoring_property import build, cases
 
 
 def keep_above_median(scores):
@@ -89,3 +92,27 @@ def test_errors_name_the_argument():
     with pytest.raises(fastattr.ScoringError, match="one loss per record"):
         fastattr.score_and_backward(model, lambda m: rec(m)[:, None].expand(-1, 3), keep_above_median)
     assert all(p.grad is None for p in model.parameters())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_property_exact_or_scoring_error(case):
+    """Over hypothesis' random architectures (test_scoring_property): the scores against the summed losses and the
+    kept records' gradient are exact, or ScoringError; never a wrong number, and .grad untouched on a refusal."""
+    inputs, blocks, tied, loss, _, n, seed = case
+    if loss == "per_position":
+        loss = "plain"
+    model, _, _, rec, _ = build(inputs, blocks, tied, loss, "scalar", n, seed)
+    exact = brute_force_scores(model, lambda m: (rec(m), rec(m).sum()))
+    keep = keep_above_median
+    try:
+        scores, kept, _ = fastattr.score_and_backward(model, rec, keep)
+    except fastattr.ScoringError:
+        assert all(p.grad is None for p in model.parameters())
+        return
+    assert close(scores, exact, 1e-8, model, rec), case
+    got = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    want = kept_backward(model, rec, kept)
+    scale = max(float(g.abs().max()) for g in want.values())
+    for k in want:
+        assert float((got[k] - want[k]).abs().max()) <= 1e-10 * max(scale, 1e-300), (case, k)
