@@ -272,8 +272,8 @@ def bench_grpo(steps: int, target_kind: str, completion: int | None = None, roun
                               per_device_train_batch_size=64, num_generations=4, max_completion_length=completion,
                               learning_rate=1e-4, max_steps=steps, save_strategy="no", report_to=[],
                               disable_tqdm=True, logging_steps=steps)
-            common = dict(model=policy, reward_funcs=reward, args=args, processing_class=task.tokenizer(),
-                          train_dataset=prompts)
+            common = {"model": policy, "reward_funcs": reward, "args": args, "processing_class": task.tokenizer(),
+                      "train_dataset": prompts}
             if variant == "plain":
                 trainer = GRPOTrainer(**common)
             else:

@@ -11,12 +11,11 @@ backward) is exact on the same models.
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from test_foreign_models import CASES, TOL, rel_err
+from test_scoring_property import build, cases
 
 import fastattr
 from fastattr.testing import brute_force_scores
-
-from test_foreign_models import CASES, TOL, rel_err
-from test_scoring_property import build, cases
 
 
 def keep_above_median(scores):
