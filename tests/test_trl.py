@@ -174,6 +174,8 @@ def test_fused_only_where_it_applies(tmp_path):
     with pytest.raises(ValueError, match="mixed precision"):
         trainer(IIFGRPOTrainer, tmp_path, checkpointing=False, bf16=True, fused=True)
     assert not trainer(IIFGRPOTrainer, tmp_path, checkpointing=False, fused=False).fused
+    t = trainer(IIFGRPOTrainer, tmp_path, checkpointing=False, score_kwargs={"check": True})
+    assert not t.fused and "score_kwargs ['check']" in t.why_not_fused
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo"])

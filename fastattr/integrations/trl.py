@@ -67,6 +67,8 @@ FILTERS = ("iif", "iif-all-neg", "random", "none")
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "sapo")
 _SCORE_KWARGS = tuple(name for name, prm in inspect.signature(fastattr.score).parameters.items()
                       if prm.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("reduce", "units"))
+_FUSED_KWARGS = tuple(name for name, prm in inspect.signature(fastattr.score_and_backward).parameters.items()
+                      if prm.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
 @contextlib.contextmanager
@@ -210,6 +212,9 @@ class IIFGRPOTrainer(GRPOTrainer):
             "gradient checkpointing (gradient_checkpointing=False)": _checkpointing(args, model),
         }
         why = next((what for what, bad in reasons.items() if bad), None)
+        other = sorted(set(self.score_kwargs) - set(_FUSED_KWARGS))
+        if why is None and other:
+            why = f"score_kwargs {other} (the fused step takes {', '.join(_FUSED_KWARGS)})"
         if why is None and _dropout(model):
             why = f"dropout in training mode: {_dropout(model)} (set it to 0)"
         return why
