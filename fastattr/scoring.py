@@ -1201,7 +1201,8 @@ def score_and_backward(
     Each record is scored against the gradient of the records' summed losses, the direction the unfiltered update
     takes (score_i = <grad l_i, grad sum_j l_j>, what fastattr.score gives for the target `losses.sum()`); `keep`
     chooses the records from the scores; then every selected parameter's `.grad` receives the gradient of the kept
-    records' summed losses, as `(losses * keep).sum().backward()` would (added to an existing .grad). The scores
+    records' summed losses, as `(losses * keep).sum().backward()` would (added to an existing .grad; parameters left
+    out by `params` receive nothing, so select every parameter the optimizer trains). The scores
     need no passes beyond the step's own: the backward that gives the layers' output gradients also gives the
     batch gradient, and the dropped records' part is taken off it layer by layer from their captured rows. The
     checks are fastattr.score's: a parameter whose fast path is not exact for this call takes the general path (its

@@ -176,6 +176,8 @@ def test_fused_only_where_it_applies(tmp_path):
     assert not trainer(IIFGRPOTrainer, tmp_path, checkpointing=False, fused=False).fused
     t = trainer(IIFGRPOTrainer, tmp_path, checkpointing=False, score_kwargs={"check": True})
     assert not t.fused and "score_kwargs ['check']" in t.why_not_fused
+    t = trainer(IIFGRPOTrainer, tmp_path, checkpointing=False, score_kwargs={"params": lambda name: "h.0" in name})
+    assert not t.fused and "score_kwargs ['params']" in t.why_not_fused
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo"])

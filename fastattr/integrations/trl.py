@@ -212,9 +212,10 @@ class IIFGRPOTrainer(GRPOTrainer):
             "gradient checkpointing (gradient_checkpointing=False)": _checkpointing(args, model),
         }
         why = next((what for what, bad in reasons.items() if bad), None)
-        other = sorted(set(self.score_kwargs) - set(_FUSED_KWARGS))
+        other = sorted(set(self.score_kwargs) - set(_FUSED_KWARGS) | ({"params"} & set(self.score_kwargs)))
         if why is None and other:
-            why = f"score_kwargs {other} (the fused step takes {', '.join(_FUSED_KWARGS)})"
+            why = (f"score_kwargs {other} (the fused step's backward trains every trainable parameter, so it scores "
+                   f"them all; it takes {', '.join(k for k in _FUSED_KWARGS if k != 'params')})")
         if why is None and _dropout(model):
             why = f"dropout in training mode: {_dropout(model)} (set it to 0)"
         return why
