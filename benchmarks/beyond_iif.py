@@ -60,7 +60,8 @@ PLANS = {
         "env_id": "LunarLander-v3", "base_lr": 1e-3,
         "flags": ["--preset", "paper", "--optimizer", "adam", "--eval-episodes", "50", "--eval-every", "3"],
         "kl": 0.01,
-        "noise_labels": ["ppo-lr1x", "ppo-lr2x", "iif", "iif-lookahead"],
+        # from the first two clean seeds: PPO's best rates are 1x and 2x, the best preset by mean return iif-adam
+        "noise_labels": ["ppo-lr1x", "ppo-lr2x", "iif", "iif-adam"],
     },
 }
 
