@@ -1,0 +1,61 @@
+"""benchmarks/beyond_iif.py's table, which the contest's published numbers come from: on synthetic run dirs with
+known curves it picks PPO's best learning rate by mean return over the evaluated rounds, pairs the gains by seed, puts
+in the verdict line exactly the labels whose 95% CI excludes 0, and reports each label's step size and kept fraction;
+unfinished runs are left out."""
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "beyond_iif.py"
+spec = importlib.util.spec_from_file_location("beyond_iif", SCRIPT)
+beyond_iif = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(beyond_iif)
+
+ROUNDS = 4  # total_timesteps // (n_steps * num_envs)
+
+
+def write_run(root, label, seed, level, kl=0.01, kept=1.0, rounds=ROUNDS):
+    """A finished (rounds == ROUNDS) run whose evaluated returns are `level` + a little seed noise."""
+    d = beyond_iif.run_dir("doorkey5", "clean", label, seed)
+    d.mkdir(parents=True)
+    (d / "args.json").write_text(json.dumps({"total_timesteps": ROUNDS * 8, "n_steps": 8, "num_envs": 1}))
+    rng = np.random.default_rng([seed, len(label)])
+    rows = [{"round": 0, "global_step": 0, "eval_return": 0.0}]
+    rows += [{"round": r, "global_step": 8 * r, "eval_return": level * r / rounds + 0.01 * rng.standard_normal(),
+              "approx_kl": kl, "kept_fraction": kept} for r in range(1, rounds + 1)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture
+def root(tmp_path, monkeypatch):
+    monkeypatch.setattr(beyond_iif, "ROOT", tmp_path)
+    return tmp_path
+
+
+def test_table_picks_best_ppo_pairs_by_seed_and_states_the_verdict(root):
+    for s in range(5):
+        write_run(root, "ppo-lr1x", s, 0.5)
+        write_run(root, "ppo-lr2x", s, 0.8)      # the best PPO
+        write_run(root, "ppo-lr5x", s, 0.3)
+        write_run(root, "ppo-lr10x", s, 0.1)
+        write_run(root, "iif", s, 1.0, kl=0.05, kept=0.9)   # clearly above best PPO
+        write_run(root, "random", s, 0.4)        # clearly below
+        write_run(root, "iif-adam", s, 0.8 + (0.2 if s % 2 else -0.2))  # around it: no verdict
+    write_run(root, "dtv-loo", 0, 5.0, rounds=2)  # unfinished: left out
+    out = beyond_iif.table("doorkey5", "clean")
+    assert "against `ppo-lr2x`" in out
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
+    assert "dtv-loo" not in rows
+    assert rows["iif"][2].strip() == "5" and rows["iif"][-3].strip() == "0.05" and rows["iif"][-2].strip() == "90%"
+    verdict = out.strip().splitlines()[-1]
+    assert "above `ppo-lr2x`: iif (5 seeds)" in verdict
+    below = verdict.split("below it:")[1]
+    assert "random" in below and "ppo-lr1x" in below and "iif-adam" not in verdict
+
+
+def test_no_finished_ppo_run_says_so(root):
+    write_run(root, "iif", 0, 1.0)
+    assert "no finished PPO run yet" in beyond_iif.table("doorkey5", "clean")
