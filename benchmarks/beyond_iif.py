@@ -138,12 +138,14 @@ def step_stats(rows: list[dict]) -> tuple[list[float], list[float]]:
     return kl, kept
 
 
-def table(plan: str, regime: str) -> str:
+def table(plan: str, regime: str, seeds=SEEDS) -> str:
+    """The regime's table from the finished runs of `seeds` (a fixed seed set keeps the labels comparable while
+    other seeds are still running)."""
     labels = runs_of(plan, regime)
     curves: dict[str, dict[int, metrics.Curve]] = {}
     steps: dict[str, tuple[list[float], list[float]]] = {}
     for label in labels:
-        for s in SEEDS:
+        for s in seeds:
             d = run_dir(plan, regime, label, s)
             if finished(d):
                 rows = metrics_rows(d)
@@ -191,7 +193,7 @@ def main() -> int:
     p.add_argument("command", choices=["run", "table"])
     p.add_argument("--plan", choices=sorted(PLANS), default="doorkey5")
     p.add_argument("--regimes", default="clean,noise", help="clean, noise (20%% of episodes sign-flipped)")
-    p.add_argument("--seeds", default="0-4")
+    p.add_argument("--seeds", default="0-4", help="seeds to run, or to tabulate (their finished runs)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     a = p.parse_args()
     from fastattr.runinfo import parse_seeds
@@ -199,11 +201,11 @@ def main() -> int:
     regimes = [r for r in a.regimes.split(",") if r]
     if a.command == "run":
         return run(a.plan, regimes, a.jobs, parse_seeds(a.seeds))
-    meta = provenance()
-    print(f"# beyond_iif {a.plan}  torch {meta['torch']}  commit {meta['commit']}  {meta['machine']}  "
+    meta, seeds = provenance(), parse_seeds(a.seeds)
+    print(f"# beyond_iif {a.plan}  seeds {a.seeds}  torch {meta['torch']}  commit {meta['commit']}  {meta['machine']}  "
           f"{time.strftime('%Y-%m-%d')}\n")
     for regime in regimes:
-        print(table(a.plan, regime))
+        print(table(a.plan, regime, seeds))
     return 0
 
 
