@@ -216,8 +216,9 @@ class IIFGRPOTrainer(GRPOTrainer):
         if why is None and other:
             why = (f"score_kwargs {other} (the fused step's backward trains every trainable parameter, so it scores "
                    f"them all; it takes {', '.join(k for k in _FUSED_KWARGS if k != 'params')})")
-        if why is None and _dropout(model):
-            why = f"dropout in training mode: {_dropout(model)} (set it to 0)"
+        dropout = _dropout(model) if why is None else None
+        if dropout:
+            why = f"dropout in training mode: {dropout} (set it to 0)"
         return why
 
     def _generate_and_score_completions(self, inputs):
@@ -269,10 +270,7 @@ class IIFGRPOTrainer(GRPOTrainer):
         with _without_input_grad_hooks(unwrapped):
             _, kept, _ = fastattr.score_and_backward(unwrapped, record_loss, keep, **self.score_kwargs)
         kept = kept.cpu()
-        self.last_scores, self.last_keep, self.last_records = seen["values"].detach().cpu(), kept, records
-        self.last_seconds = time.perf_counter() - t0
-        self._metrics["train"]["attribution/kept_fraction"].append(float(kept.float().mean()))
-        self._metrics["train"]["attribution/seconds"].append(self.last_seconds)
+        self._record(seen["values"], kept, records, t0)
         value = -(advantages.detach().float()[:, None] * weights * kept.to(weights)[:, None]).sum()
         return value.detach().requires_grad_(True)
 
@@ -300,6 +298,10 @@ class IIFGRPOTrainer(GRPOTrainer):
         keep = self._keep(values)
         if not keep.all():
             output["completion_mask"] = output["completion_mask"] * keep.to(output["completion_mask"])[:, None]
+        self._record(values, keep, records, t0)
+
+    def _record(self, values: Tensor, keep: Tensor, records: Sequences, t0: float) -> None:
+        """Keeps the generation batch's scores, keep-mask and records, and logs the kept fraction and the seconds."""
         self.last_scores, self.last_keep, self.last_records = values.detach().cpu(), keep, records
         self.last_seconds = time.perf_counter() - t0
         self._metrics["train"]["attribution/kept_fraction"].append(float(keep.float().mean()))
