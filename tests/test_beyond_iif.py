@@ -59,3 +59,17 @@ def test_table_picks_best_ppo_pairs_by_seed_and_states_the_verdict(root):
 def test_no_finished_ppo_run_says_so(root):
     write_run(root, "iif", 0, 1.0)
     assert "no finished PPO run yet" in beyond_iif.table("doorkey5", "clean")
+
+
+def test_a_plan_restricts_its_methods_regimes_and_the_kl_matched_rate():
+    """empty8 runs only the methods it names, matches the step at 10x the base rate, and has no corrupted regime."""
+    labels = beyond_iif.runs_of("empty8", "clean")
+    assert set(labels) == {"ppo-lr1x", "ppo-lr2x", "ppo-lr5x", "ppo-lr10x", "iif", "random", "ppo-kl", "iif-kl"}
+    assert labels["iif"][-2:] == ["--learning-rate", "0.005"]
+    for label in ("ppo-kl", "iif-kl"):
+        assert labels[label][2:] == ["--learning-rate", "0.05", "--target-kl", "0.005"]
+    with pytest.raises(SystemExit, match="regimes clean"):
+        beyond_iif.runs_of("empty8", "noise")
+    # the other plans keep every method, the KL match at the base rate, and both regimes
+    assert beyond_iif.runs_of("doorkey5", "clean")["iif-kl"][2:4] == ["--learning-rate", "0.0003"]
+    assert "iif-adam" in beyond_iif.runs_of("lunarlander", "clean")
