@@ -89,7 +89,8 @@ class Args:
     """keep | drop: the last partial minibatch of an epoch (SB3 keeps it; the official IIF retrain drops it)"""
     env_stream: str = "continue"
     """continue | reseed: episodes continue across rounds (Algorithm 1, SB3), or every round starts from
-    env.reset(seed=seed) as the official code's one-process-per-round pipeline does (its action RNG continues here)"""
+    env.reset(seed=seed) with the action-sampling stream restarted too, as the official code's one-process-per-round
+    pipeline does"""
     network: str = "auto"
     """auto | mlp | cnn: auto = the paper's CNN for image observations (MiniGrid), else 2x64 tanh MLPs"""
     hidden: int = 64
