@@ -2,31 +2,23 @@
 known curves it picks PPO's best learning rate by mean return over the evaluated rounds, pairs the gains by seed, puts
 in the verdict line exactly the labels whose 95% CI excludes 0, and reports each label's step size and kept fraction;
 unfinished runs are left out."""
-import importlib.util
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
+from _bench import load_benchmark
+from _bench import write_run as write_run_dir
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "beyond_iif.py"
-spec = importlib.util.spec_from_file_location("beyond_iif", SCRIPT)
-beyond_iif = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(beyond_iif)
+beyond_iif = load_benchmark("beyond_iif")
 
 ROUNDS = 4  # total_timesteps // (n_steps * num_envs)
 
 
 def write_run(root, label, seed, level, kl=0.01, kept=1.0, rounds=ROUNDS):
     """A finished (rounds == ROUNDS) run whose evaluated returns are `level` + a little seed noise."""
-    d = beyond_iif.run_dir("doorkey5", "clean", label, seed)
-    d.mkdir(parents=True)
-    (d / "args.json").write_text(json.dumps({"total_timesteps": ROUNDS * 8, "n_steps": 8, "num_envs": 1}))
     rng = np.random.default_rng([seed, len(label)])
     rows = [{"round": 0, "global_step": 0, "eval_return": 0.0}]
     rows += [{"round": r, "global_step": 8 * r, "eval_return": level * r / rounds + 0.01 * rng.standard_normal(),
               "approx_kl": kl, "kept_fraction": kept} for r in range(1, rounds + 1)]
-    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_run_dir(beyond_iif.run_dir("doorkey5", "clean", label, seed), rows, ROUNDS)
 
 
 @pytest.fixture

@@ -1,24 +1,18 @@
 """benchmarks/eval_noise.py's table, on synthetic run dirs: the 100-episode runs are read at the 1,000-episode runs'
 checkpoints only, a pair whose training differs is flagged, and the evaluation noise columns are the stored standard
 deviations over sqrt(episodes) and the returns' differences."""
-import importlib.util
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _bench import load_benchmark, write_run
 
-SCRIPT = Path(__file__).parent.parent / "benchmarks" / "eval_noise.py"
-spec = importlib.util.spec_from_file_location("eval_noise", SCRIPT)
-eval_noise = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_noise)
+eval_noise = load_benchmark("eval_noise")
 
 ROUNDS = 10
 
 
 def write(d: Path, level: float, episodes: int, every: int, std: float, shift: float = 0.0, kl: float = 0.01):
-    d.mkdir(parents=True)
-    (d / "args.json").write_text(json.dumps({"total_timesteps": ROUNDS * 8, "n_steps": 8, "num_envs": 1}))
     rows = []
     for r in range(ROUNDS + 1):
         row = {"round": r, "global_step": 8 * r, "train_return": 0.1 * r, "approx_kl": None if r == 0 else kl,
@@ -26,7 +20,7 @@ def write(d: Path, level: float, episodes: int, every: int, std: float, shift: f
         if r % every == 0:
             row.update(eval_return=level * r / ROUNDS + shift, eval_return_std=std, eval_episodes=episodes)
         rows.append(row)
-    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_run(d, rows, ROUNDS)
 
 
 @pytest.fixture

@@ -1,11 +1,10 @@
 """The paper's SE_ave / SE_peak / RT_peak and the final-gain CI on curves whose answers are worked out by hand."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _bench import load_benchmark
 
 from fastattr import metrics
 
@@ -118,14 +117,6 @@ def test_no_std_levels_is_an_error():
     empty = metrics.curve_from_rows([{"round": 0, "global_step": 0, "eval_return": 1.0}])
     with pytest.raises(ValueError, match="standard-PPO curve"):
         metrics.sample_efficiency(empty, curve([1.0]))
-
-
-def load_benchmark(name: str):
-    """benchmarks/<name>.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_repro_table_rows_come_from_the_summary(tmp_path):
