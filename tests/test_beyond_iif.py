@@ -65,3 +65,4 @@ def test_a_plan_restricts_its_methods_regimes_and_the_kl_matched_rate():
     # the other plans keep every method, the KL match at the base rate, and both regimes
     assert beyond_iif.runs_of("doorkey5", "clean")["iif-kl"][2:4] == ["--learning-rate", "0.0003"]
     assert "iif-adam" in beyond_iif.runs_of("lunarlander", "clean")
+    assert set(beyond_iif.runs_of("acrobot", "clean")) == {"ppo-lr1x", "ppo-lr2x", "ppo-lr5x", "ppo-lr10x", "iif"}
