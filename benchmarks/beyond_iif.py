@@ -211,8 +211,30 @@ def table(plan: str, regime: str, seeds=SEEDS) -> str:
                      + f" | {metrics._pct(se) if se else '–'} | {np.median(steps[label][0]):.3g} | "
                      + f"{np.median(steps[label][1]):.0%} |")
     lines += ["", f"Mean return over rounds, 95% CI of the paired gain excluding 0: above `{best}`: "
-              f"{', '.join(above) or 'none'}; below it: {', '.join(below) or 'none'}."]
+              f"{', '.join(above) or 'none'}; below it: {', '.join(below) or 'none'}.", "",
+              family_wise(curves, best)]
     return "\n".join(lines) + "\n"
+
+
+def family_wise(curves: dict[str, dict[int, metrics.Curve]], best: str, level: float = 0.95) -> str:
+    """The gains that hold when the table is read as one family of tests: each label's two paired gains (mean return
+    over the rounds, final return) against best PPO, K intervals in all, each at level 1 - (1 - level) / K
+    (Bonferroni), so that the chance of any false verdict in the table stays below 1 - level."""
+    gains = {}
+    for label, runs in curves.items():
+        paired = sorted(set(runs) & set(curves[best]))
+        if label == best or len(paired) < 2:
+            continue
+        gains[f"{label} (mean return)"] = [auc(runs[s]) - auc(curves[best][s]) for s in paired]
+        gains[f"{label} (final return)"] = [runs[s].returns[-1] - curves[best][s].returns[-1] for s in paired]
+    if not gains:
+        return "Family-wise: no paired gains yet."
+    corrected = 1 - (1 - level) / len(gains)
+    cis = {k: analysis.t_ci(v, corrected) for k, v in gains.items()}
+    above = [k for k, c in cis.items() if c.lo > 0]
+    below = [k for k, c in cis.items() if c.hi < 0]
+    return (f"Family-wise ({len(gains)} gain intervals, each at {corrected:.2%}, Bonferroni): above `{best}`: "
+            f"{', '.join(above) or 'none'}; below it: {', '.join(below) or 'none'}.")
 
 
 def main() -> int:

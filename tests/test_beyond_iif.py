@@ -42,7 +42,7 @@ def test_table_picks_best_ppo_pairs_by_seed_and_states_the_verdict(root):
     rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines() if line.startswith("| ")}
     assert "dtv-loo" not in rows
     assert rows["iif"][2].strip() == "5" and rows["iif"][-3].strip() == "0.05" and rows["iif"][-2].strip() == "90%"
-    verdict = out.strip().splitlines()[-1]
+    verdict = out.strip().splitlines()[-3]
     assert "above `ppo-lr2x`: iif (5 seeds)" in verdict
     below = verdict.split("below it:")[1]
     assert "random" in below and "ppo-lr1x" in below and "iif-adam" not in verdict
@@ -66,3 +66,18 @@ def test_a_plan_restricts_its_methods_regimes_and_the_kl_matched_rate():
     assert beyond_iif.runs_of("doorkey5", "clean")["iif-kl"][2:4] == ["--learning-rate", "0.0003"]
     assert "iif-adam" in beyond_iif.runs_of("lunarlander", "clean")
     assert set(beyond_iif.runs_of("acrobot", "clean")) == {"ppo-lr1x", "ppo-lr2x", "ppo-lr5x", "ppo-lr10x", "iif"}
+
+
+def test_family_wise_verdict_corrects_for_the_number_of_intervals(root):
+    """A gain clear at 95% but not at the Bonferroni level of the table's family is left out of the family-wise line."""
+    for s in range(5):
+        write_run(root, "ppo-lr1x", s, 0.5)
+        write_run(root, "iif", s, 0.5 + [0.07, 0.01, 0.05, 0.02, 0.04][s])  # clear at 95%, not at 1 - 0.05 / 4
+        write_run(root, "random", s, 2.0)                            # far above: survives any correction
+    out = beyond_iif.table("doorkey5", "clean")
+    lines = out.strip().splitlines()
+    uncorrected, family = lines[-3], lines[-1]
+    assert "iif (5 seeds)" in uncorrected and "random (5 seeds)" in uncorrected
+    assert family.startswith("Family-wise (4 gain intervals, each at 98.75%")
+    above = family.split("below it:")[0]
+    assert "random (mean return)" in above and "random (final return)" in above and "iif" not in family
