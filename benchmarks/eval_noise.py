@@ -14,7 +14,6 @@ recomputed from both budgets on the same every-5th-round checkpoints.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.beyond_iif import finished  # noqa: E402  (a run dir whose metrics reach its last round)
 from fastattr import metrics  # noqa: E402
 from fastattr.info import provenance  # noqa: E402
 from fastattr.store import read_jsonl  # noqa: E402
@@ -40,13 +40,6 @@ def big_dir(method: str, seed: int) -> Path:
 
 def small_dir(method: str, seed: int) -> Path:
     return ROOT / "runs" / "beyond" / "empty8" / "clean" / f"{METHODS[method]}_s{seed}"
-
-
-def finished(d: Path) -> bool:
-    if not (d / "args.json").exists():
-        return False
-    args, rows = json.loads((d / "args.json").read_text()), read_jsonl(d / "metrics.jsonl")
-    return bool(rows) and rows[-1]["round"] >= args["total_timesteps"] // (args["n_steps"] * args["num_envs"])
 
 
 def run(seeds: list[int]) -> int:
