@@ -54,6 +54,7 @@ PLANS = {
         "kl": 0.02,
         # from the first clean seeds: PPO's best rates are 2x and 1x, the best preset by mean return iif-lookahead
         "noise_labels": ["ppo-lr1x", "ppo-lr2x", "iif", "iif-lookahead"],
+        "methods": list(METHODS), "regimes": ["clean", "noise"],
     },
     # LunarLander with the paper's preset (SGD 5e-3, 150 rounds) and Adam 1e-3 (the official code's main path)
     "lunarlander": {
@@ -62,6 +63,7 @@ PLANS = {
         "kl": 0.01,
         # from the first two clean seeds: PPO's best rates are 1x and 2x, the best preset by mean return iif-adam
         "noise_labels": ["ppo-lr1x", "ppo-lr2x", "iif", "iif-adam"],
+        "methods": list(METHODS), "regimes": ["clean", "noise"],
     },
     # MiniGrid-Empty-8x8 at the paper's settings (SGD 5e-3, 40 rounds, remainder dropped), where the reproduction found
     # IIF's gain and PPO at 10x the learning rate matching it: the sweep finds PPO's best rate; the step is matched at
@@ -90,11 +92,10 @@ PLANS = {
 def runs_of(plan: str, regime: str) -> dict[str, list[str]]:
     """label -> extra flags for one regime of a plan ('clean', or 'noise' with 20% of episodes sign-flipped)."""
     p = PLANS[plan]
-    if regime not in p.get("regimes", ("clean", "noise")):
+    if regime not in p["regimes"]:
         raise SystemExit(f"plan {plan} has the regimes {', '.join(p['regimes'])}; got --regimes {regime}")
     out = {f"ppo-lr{m}x": ["--method", "ppo", "--learning-rate", f"{p['base_lr'] * m:g}"] for m in LR_MULTIPLES}
-    out.update({k: v + ["--learning-rate", f"{p['base_lr']:g}"] for k, v in METHODS.items()
-                if k in p.get("methods", METHODS)})
+    out.update({k: v + ["--learning-rate", f"{p['base_lr']:g}"] for k, v in METHODS.items() if k in p["methods"]})
     # the per-round step matched: PPO and IIF both stopped at the same approx. KL (at the base rate unless the plan
     # raises it, where PPO's own step at the base rate is far below the KL to match)
     if p["kl"] is not None:
@@ -188,12 +189,17 @@ def table(plan: str, regime: str, seeds=SEEDS) -> str:
     lines = [f"## {PLANS[plan]['env_id']} / {regime}: against `{best}` (the best PPO learning rate of the sweep)", "",
              "| label | seeds | mean return over rounds | gain vs best PPO (95% CI) | final return | final gain (95% CI) | "
              "SE_ave | approx-KL per round (median) | kept |", "|---|---|---|---|---|---|---|---|---|"]
-    above, below = [], []
+    above, below, paired_gains = [], [], {}
     for label, runs in curves.items():
         a = analysis.t_ci([auc(c) for c in runs.values()]) if len(runs) > 1 else None
         mean_auc = np.mean([auc(c) for c in runs.values()])
         paired = sorted(set(runs) & set(curves[best]))
-        gain = analysis.t_ci([auc(runs[s]) - auc(curves[best][s]) for s in paired]) if len(paired) > 1 else None
+        diffs = [auc(runs[s]) - auc(curves[best][s]) for s in paired]
+        gain = analysis.t_ci(diffs) if len(paired) > 1 else None
+        if label != best and len(paired) > 1:
+            paired_gains[f"{label} (mean return)"] = diffs
+            paired_gains[f"{label} (final return)"] = [runs[s].returns[-1] - curves[best][s].returns[-1]
+                                                        for s in paired]
         if label != best and gain is not None and np.isfinite(gain.lo):
             (above if gain.lo > 0 else below if gain.hi < 0 else []).append(f"{label} ({len(paired)} seeds)")
         e = summary["methods"][label]
@@ -212,21 +218,14 @@ def table(plan: str, regime: str, seeds=SEEDS) -> str:
                      + f"{np.median(steps[label][1]):.0%} |")
     lines += ["", f"Mean return over rounds, 95% CI of the paired gain excluding 0: above `{best}`: "
               f"{', '.join(above) or 'none'}; below it: {', '.join(below) or 'none'}.", "",
-              family_wise(curves, best)]
+              family_wise(paired_gains, best)]
     return "\n".join(lines) + "\n"
 
 
-def family_wise(curves: dict[str, dict[int, metrics.Curve]], best: str, level: float = 0.95) -> str:
-    """The gains that hold when the table is read as one family of tests: each label's two paired gains (mean return
-    over the rounds, final return) against best PPO, K intervals in all, each at level 1 - (1 - level) / K
-    (Bonferroni), so that the chance of any false verdict in the table stays below 1 - level."""
-    gains = {}
-    for label, runs in curves.items():
-        paired = sorted(set(runs) & set(curves[best]))
-        if label == best or len(paired) < 2:
-            continue
-        gains[f"{label} (mean return)"] = [auc(runs[s]) - auc(curves[best][s]) for s in paired]
-        gains[f"{label} (final return)"] = [runs[s].returns[-1] - curves[best][s].returns[-1] for s in paired]
+def family_wise(gains: dict[str, list[float]], best: str, level: float = 0.95) -> str:
+    """The gains that hold when the table is read as one family of tests: `gains` holds each label's paired gains
+    against best PPO (mean return over the rounds, final return), K intervals in all, each taken at level
+    1 - (1 - level) / K (Bonferroni), so that the chance of any false verdict in the table stays below 1 - level."""
     if not gains:
         return "Family-wise: no paired gains yet."
     corrected = 1 - (1 - level) / len(gains)
@@ -248,8 +247,7 @@ def main() -> int:
     a = p.parse_args()
     from fastattr.runinfo import parse_seeds
 
-    regimes = ([r for r in a.regimes.split(",") if r] if a.regimes
-               else PLANS[a.plan].get("regimes", ["clean", "noise"]))
+    regimes = [r for r in a.regimes.split(",") if r] if a.regimes else PLANS[a.plan]["regimes"]
     if a.command == "run":
         return run(a.plan, regimes, a.jobs, parse_seeds(a.seeds))
     meta, seeds = provenance(), parse_seeds(a.seeds)
