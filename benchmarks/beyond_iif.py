@@ -219,7 +219,26 @@ def table(plan: str, regime: str, seeds=SEEDS) -> str:
     lines += ["", f"Mean return over rounds, 95% CI of the paired gain excluding 0: above `{best}`: "
               f"{', '.join(above) or 'none'}; below it: {', '.join(below) or 'none'}.", "",
               family_wise(paired_gains, best)]
+    if "ppo-kl" in curves and "iif-kl" in curves:
+        lines += ["", step_matched(curves["iif-kl"], curves["ppo-kl"])]
     return "\n".join(lines) + "\n"
+
+
+def step_matched(iif: dict[int, metrics.Curve], ppo: dict[int, metrics.Curve]) -> str:
+    """IIF against PPO when both stop at the same approximate KL: the same step size, different records, so the
+    paired gain is what the choice of records alone adds."""
+    paired = sorted(set(iif) & set(ppo))
+    if len(paired) < 2:
+        return "At the matched step (`iif-kl` against `ppo-kl`): fewer than 2 paired seeds."
+
+    def ci(diffs):
+        c = analysis.t_ci(diffs)
+        return f"{c.mean:+.3g} [{c.lo:+.3g}, {c.hi:+.3g}]"
+
+    mean_gain = ci([auc(iif[s]) - auc(ppo[s]) for s in paired])
+    final_gain = ci([iif[s].returns[-1] - ppo[s].returns[-1] for s in paired])
+    return (f"At the matched step (`iif-kl` against `ppo-kl`, {len(paired)} paired seeds, 95% CI): mean return over "
+            f"rounds {mean_gain}; final return {final_gain}.")
 
 
 def family_wise(gains: dict[str, list[float]], best: str, level: float = 0.95) -> str:

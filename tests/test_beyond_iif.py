@@ -51,6 +51,9 @@ def test_table_picks_best_ppo_pairs_by_seed_and_states_the_verdict(root):
 def test_no_finished_ppo_run_says_so(root):
     write_run(root, "iif", 0, 1.0)
     assert "no finished PPO run yet" in beyond_iif.table("doorkey5", "clean")
+    write_run(root, "ppo-lr1x", 0, 0.5)
+    write_run(root, "ppo-kl", 0, 0.5)
+    assert "matched step" not in beyond_iif.table("doorkey5", "clean")  # no `iif-kl` to pair with
 
 
 def test_a_plan_restricts_its_methods_regimes_and_the_kl_matched_rate():
@@ -81,3 +84,17 @@ def test_family_wise_verdict_corrects_for_the_number_of_intervals(root):
     assert family.startswith("Family-wise (4 gain intervals, each at 98.75%")
     above = family.split("below it:")[0]
     assert "random (mean return)" in above and "random (final return)" in above and "iif" not in family
+
+
+def test_step_matched_line_pairs_iif_kl_with_ppo_kl(root):
+    """With both KL-stopped labels, the table ends with their paired gains (the records' effect at the same step)."""
+    for s in range(5):
+        write_run(root, "ppo-lr1x", s, 0.5)
+        write_run(root, "ppo-kl", s, 0.4)
+        write_run(root, "iif-kl", s, 0.6)
+    last = beyond_iif.table("doorkey5", "clean").strip().splitlines()[-1]
+    assert last.startswith("At the matched step (`iif-kl` against `ppo-kl`, 5 paired seeds")
+    mean_gain = float(last.split("mean return over rounds ")[1].split(" ")[0])
+    final_gain = float(last.split("final return ")[1].split(" ")[0])
+    # levels 0.6 vs 0.4 ramp linearly over 4 rounds: mean over rounds 1-4 differs by 0.2 * 2.5 / 4, the last by 0.2
+    assert mean_gain == pytest.approx(0.125, abs=0.02) and final_gain == pytest.approx(0.2, abs=0.02)
