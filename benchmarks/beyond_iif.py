@@ -235,10 +235,11 @@ def step_matched(iif: dict[int, metrics.Curve], ppo: dict[int, metrics.Curve]) -
         c = analysis.t_ci(diffs)
         return f"{c.mean:+.3g} [{c.lo:+.3g}, {c.hi:+.3g}]"
 
-    mean_gain = ci([auc(iif[s]) - auc(ppo[s]) for s in paired])
-    final_gain = ci([iif[s].returns[-1] - ppo[s].returns[-1] for s in paired])
+    gains = {"iif-kl (mean return)": [auc(iif[s]) - auc(ppo[s]) for s in paired],
+             "iif-kl (final return)": [iif[s].returns[-1] - ppo[s].returns[-1] for s in paired]}
     return (f"At the matched step (`iif-kl` against `ppo-kl`, {len(paired)} paired seeds, 95% CI): mean return over "
-            f"rounds {mean_gain}; final return {final_gain}.")
+            f"rounds {ci(gains['iif-kl (mean return)'])}; final return {ci(gains['iif-kl (final return)'])}. "
+            + family_wise(gains, "ppo-kl"))
 
 
 def family_wise(gains: dict[str, list[float]], best: str, level: float = 0.95) -> str:

@@ -98,3 +98,6 @@ def test_step_matched_line_pairs_iif_kl_with_ppo_kl(root):
     final_gain = float(last.split("final return ")[1].split(" ")[0])
     # levels 0.6 vs 0.4 ramp linearly over 4 rounds: mean over rounds 1-4 differs by 0.2 * 2.5 / 4, the last by 0.2
     assert mean_gain == pytest.approx(0.125, abs=0.02) and final_gain == pytest.approx(0.2, abs=0.02)
+    # and the pair read as a family of its two intervals: both gains are far above the noise, so both survive
+    assert "Family-wise (2 gain intervals, each at 97.50%, Bonferroni): above `ppo-kl`: iif-kl (mean return), " \
+           "iif-kl (final return); below it: none." in last
