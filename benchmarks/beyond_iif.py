@@ -207,11 +207,8 @@ def table(plan: str, regime: str, seeds=SEEDS) -> str:
         fg = e.get("final_gain")
         se = e.get("se_ave")
 
-        def ci(c):
-            return f"{c.mean:+.3g} [{c.lo:+.3g}, {c.hi:+.3g}]" if c is not None and np.isfinite(c.lo) else "–"
-
         lines.append(f"| {label} | {len(runs)} | {mean_auc:.3g}" + (f" ± {(a.hi - a.lo) / 2:.2g}" if a else "")
-                     + f" | {ci(gain) if label != best else '–'} | {fr['mean']:.3g} | "
+                     + f" | {fmt_ci(gain) if label != best else '–'} | {fr['mean']:.3g} | "
                      + (f"{fg['mean']:+.3g} [{fg['ci_low']:+.3g}, {fg['ci_high']:+.3g}]"
                         if fg and np.isfinite(fg["ci_low"]) else "–")
                      + f" | {metrics._pct(se) if se else '–'} | {np.median(steps[label][0]):.3g} | "
@@ -230,21 +227,21 @@ def step_matched(iif: dict[int, metrics.Curve], ppo: dict[int, metrics.Curve]) -
     paired = sorted(set(iif) & set(ppo))
     if len(paired) < 2:
         return "At the matched step (`iif-kl` against `ppo-kl`): fewer than 2 paired seeds."
-
-    def ci(diffs):
-        c = analysis.t_ci(diffs)
-        return f"{c.mean:+.3g} [{c.lo:+.3g}, {c.hi:+.3g}]"
-
     gains = {"iif-kl (mean return)": [auc(iif[s]) - auc(ppo[s]) for s in paired],
              "iif-kl (final return)": [iif[s].returns[-1] - ppo[s].returns[-1] for s in paired]}
+    mean_gain, final_gain = (fmt_ci(analysis.t_ci(d)) for d in gains.values())
     return (f"At the matched step (`iif-kl` against `ppo-kl`, {len(paired)} paired seeds, 95% CI): mean return over "
-            f"rounds {ci(gains['iif-kl (mean return)'])}; final return {ci(gains['iif-kl (final return)'])}. "
-            + family_wise(gains, "ppo-kl"))
+            f"rounds {mean_gain}; final return {final_gain}. " + family_wise(gains, "ppo-kl"))
+
+
+def fmt_ci(c) -> str:
+    """A t-interval as `mean [lo, hi]`, or a dash where there is none (a single seed)."""
+    return f"{c.mean:+.3g} [{c.lo:+.3g}, {c.hi:+.3g}]" if c is not None and np.isfinite(c.lo) else "–"
 
 
 def family_wise(gains: dict[str, list[float]], best: str, level: float = 0.95) -> str:
     """The gains that hold when the table is read as one family of tests: `gains` holds each label's paired gains
-    against best PPO (mean return over the rounds, final return), K intervals in all, each taken at level
+    against the baseline `best` (best PPO, or `ppo-kl` for the matched step; mean return over the rounds, final return), K intervals in all, each taken at level
     1 - (1 - level) / K (Bonferroni), so that the chance of any false verdict in the table stays below 1 - level."""
     if not gains:
         return "Family-wise: no paired gains yet."
