@@ -241,8 +241,9 @@ def fmt_ci(c) -> str:
 
 def family_wise(gains: dict[str, list[float]], best: str, level: float = 0.95) -> str:
     """The gains that hold when the table is read as one family of tests: `gains` holds each label's paired gains
-    against the baseline `best` (best PPO, or `ppo-kl` for the matched step; mean return over the rounds, final return), K intervals in all, each taken at level
-    1 - (1 - level) / K (Bonferroni), so that the chance of any false verdict in the table stays below 1 - level."""
+    against the baseline `best` (best PPO, or `ppo-kl` for the matched step; mean return over the rounds, final
+    return), K intervals in all, each taken at level 1 - (1 - level) / K (Bonferroni), so that the chance of any false
+    verdict in the table stays below 1 - level."""
     if not gains:
         return "Family-wise: no paired gains yet."
     corrected = 1 - (1 - level) / len(gains)
