@@ -193,13 +193,11 @@ def table(plan: str, regime: str, seeds=SEEDS) -> str:
     for label, runs in curves.items():
         a = analysis.t_ci([auc(c) for c in runs.values()]) if len(runs) > 1 else None
         mean_auc = np.mean([auc(c) for c in runs.values()])
-        paired = sorted(set(runs) & set(curves[best]))
-        diffs = [auc(runs[s]) - auc(curves[best][s]) for s in paired]
+        paired, diffs, final_diffs = paired_diffs(runs, curves[best])
         gain = analysis.t_ci(diffs) if len(paired) > 1 else None
         if label != best and len(paired) > 1:
             paired_gains[f"{label} (mean return)"] = diffs
-            paired_gains[f"{label} (final return)"] = [runs[s].returns[-1] - curves[best][s].returns[-1]
-                                                        for s in paired]
+            paired_gains[f"{label} (final return)"] = final_diffs
         if label != best and gain is not None and np.isfinite(gain.lo):
             (above if gain.lo > 0 else below if gain.hi < 0 else []).append(f"{label} ({len(paired)} seeds)")
         e = summary["methods"][label]
@@ -221,14 +219,22 @@ def table(plan: str, regime: str, seeds=SEEDS) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_diffs(runs: dict[int, metrics.Curve], base: dict[int, metrics.Curve]
+                 ) -> tuple[list[int], list[float], list[float]]:
+    """The seeds both sets ran, and per seed the gain of `runs` over `base`: in mean return over the rounds, and in
+    final return."""
+    paired = sorted(set(runs) & set(base))
+    return (paired, [auc(runs[s]) - auc(base[s]) for s in paired],
+            [runs[s].returns[-1] - base[s].returns[-1] for s in paired])
+
+
 def step_matched(iif: dict[int, metrics.Curve], ppo: dict[int, metrics.Curve]) -> str:
     """IIF against PPO when both stop at the same approximate KL: the same step size, different records, so the
     paired gain is what the choice of records alone adds."""
-    paired = sorted(set(iif) & set(ppo))
+    paired, diffs, final_diffs = paired_diffs(iif, ppo)
     if len(paired) < 2:
         return "At the matched step (`iif-kl` against `ppo-kl`): fewer than 2 paired seeds."
-    gains = {"iif-kl (mean return)": [auc(iif[s]) - auc(ppo[s]) for s in paired],
-             "iif-kl (final return)": [iif[s].returns[-1] - ppo[s].returns[-1] for s in paired]}
+    gains = {"iif-kl (mean return)": diffs, "iif-kl (final return)": final_diffs}
     mean_gain, final_gain = (fmt_ci(analysis.t_ci(d)) for d in gains.values())
     return (f"At the matched step (`iif-kl` against `ppo-kl`, {len(paired)} paired seeds, 95% CI): mean return over "
             f"rounds {mean_gain}; final return {final_gain}. " + family_wise(gains, "ppo-kl"))
